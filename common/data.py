@@ -1,0 +1,348 @@
+"""Sequential-recommendation datasets: one on-disk format for every stage, loaded into flat arrays.
+
+A dataset is a directory in the layout of Recformer's processed fine-tuning data:
+
+    train.json  {user_id: [item_id, ...]}   training part of each sequence, time order
+    val.json    {user_id: [item_id]}        second-to-last item (validation target)
+    test.json   {user_id: [item_id]}        last item (test target)
+    smap.json   {original item key: item_id}
+    umap.json   {original user key: user_id}
+    meta_data.json {original item key: {attribute: text, ...}}   (optional: absent for ID-only datasets)
+    stats.json  summary written by `write_dataset`
+
+Item ids we write are 1-based; 0 is padding. Files written by the original Recformer processing are 0-based and are
+shifted on load. In memory every user's full sequence (train + val + test) lives in one CSR pair (`offsets`, `items`),
+so a 3.6M-sequence corpus costs two integer arrays, not millions of Python lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAD = 0
+SPLIT_FILES = ("train.json", "val.json", "test.json")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or inconsistent; the message names the file and the problem in one line."""
+
+
+@dataclass
+class SeqDataset:
+    path: Path
+    """Dataset directory."""
+    item_keys: list[str]
+    """item_keys[i] is the original key of item id i; item_keys[0] == "" (padding)."""
+    user_keys: list[str]
+    """Original key of each user row; rows are sorted by the json user id."""
+    offsets: np.ndarray
+    """(num_users + 1,) int64 CSR offsets into `items`."""
+    items: np.ndarray
+    """(interactions,) int64: each user's full sequence (train, then val target, then test target)."""
+    train_len: np.ndarray
+    """(num_users,) int64: length of the training part of each sequence."""
+    has_val: np.ndarray
+    """(num_users,) bool: the user has a validation target (the item right after the training part)."""
+    has_test: np.ndarray
+    """(num_users,) bool: the user has a test target (the item right after the validation target)."""
+    item_text: list[dict[str, str]] | None
+    """item_text[i] holds item i's attributes in file order ([0] = {}); None for ID-only datasets."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_keys)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_keys) - 1
+
+    @property
+    def num_interactions(self) -> int:
+        return len(self.items)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the item keys in id order: an embedding table made for one dataset fits another only if equal."""
+        digest = hashlib.sha256("\n".join(self.item_keys[1:]).encode("utf-8"))
+        return digest.hexdigest()[:16]
+
+    def sequence(self, row: int) -> np.ndarray:
+        """The full sequence (train + val + test) of user row `row`."""
+        return self.items[self.offsets[row] : self.offsets[row + 1]]
+
+    def left_padded(self, rows: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+        """(len(rows), length): the `length` items before position `ends[i]` of each row's sequence, right-aligned.
+
+        Missing positions on the left hold PAD, so column -1 is always the most recent item.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        starts = self.offsets[rows]
+        # positions[i, j] indexes items[]; column j = length - 1 is the item just before ends[i].
+        positions = (starts + ends)[:, None] - length + np.arange(length)[None, :]
+        valid = positions >= starts[:, None]
+        return np.where(valid, self.items[np.where(valid, positions, 0)], PAD)
+
+    def train_matrix(self, length: int) -> np.ndarray:
+        """(num_users, length) left-padded training parts."""
+        return self.left_padded(np.arange(self.num_users), self.train_len, length)
+
+    def eval_split(self, split: str, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, histories (n, length), targets (n,)) for the users evaluated on `split` ("val" or "test").
+
+        The validation history is the training part; the test history is the training part plus the val target.
+        """
+        if split == "val":
+            rows = np.flatnonzero(self.has_val)
+            ends = self.train_len[rows]
+        elif split == "test":
+            rows = np.flatnonzero(self.has_test)
+            ends = self.train_len[rows] + 1
+        else:
+            raise ValueError(f"split must be 'val' or 'test', not {split!r}")
+        targets = self.items[self.offsets[rows] + ends]
+        return rows, self.left_padded(rows, ends, length), targets
+
+
+def _reject_duplicate_keys(pairs):
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise DatasetError(f"duplicate key {duplicate!r}")
+    return dict(pairs)
+
+
+def _read_json_object(path: Path) -> dict:
+    """A json object, rejecting duplicate keys (json.load would silently keep the last one)."""
+    if not path.exists():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f, object_pairs_hook=_reject_duplicate_keys)
+    except DatasetError as error:
+        raise DatasetError(f"{path}: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object at top level")
+    return data
+
+
+def _id_map(path: Path) -> dict[str, int]:
+    mapping = _read_json_object(path)
+    for key, value in mapping.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DatasetError(f"{path}: id of {key!r} is {value!r}, not an integer")
+    ids = sorted(mapping.values())
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"{path}: two keys share one id")
+    return mapping
+
+
+def _split_lists(path: Path) -> dict[int, list[int]]:
+    raw = _read_json_object(path)
+    split = {}
+    for user, sequence in raw.items():
+        if not isinstance(sequence, list) or not all(isinstance(i, int) for i in sequence):
+            raise DatasetError(f"{path}: user {user!r} does not map to a list of integer item ids")
+        if not sequence:
+            raise DatasetError(f"{path}: user {user!r} has an empty sequence")
+        try:
+            split[int(user)] = sequence
+        except ValueError:
+            raise DatasetError(f"{path}: user id {user!r} is not an integer") from None
+    return split
+
+
+def _check_item_range(path: Path, split: dict[int, list[int]], low: int, high: int) -> None:
+    """Every item id in `split` lies in [low, high]; vectorized, the offending user is looked up only on failure."""
+    flat = np.fromiter((i for sequence in split.values() for i in sequence), dtype=np.int64)
+    if flat.size and (flat.min() < low or flat.max() > high):
+        user, item = next((u, i) for u, seq in split.items() for i in seq if not low <= i <= high)
+        raise DatasetError(f"{path}: user {user} has item id {item} that is not in smap.json")
+
+
+def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
+    """Load and validate a dataset directory; raises DatasetError with a one-line message naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: dataset directory not found")
+    smap = _id_map(path / "smap.json")
+    umap = _id_map(path / "umap.json")
+    splits = {name: _split_lists(path / name) for name in SPLIT_FILES}
+    train, val, test = (splits[name] for name in SPLIT_FILES)
+
+    # The original Recformer processing numbers items from 0; shift those files so that 0 is padding.
+    zero_based = min(smap.values(), default=1) == 0
+    shift = 1 if zero_based else 0
+    if zero_based and verbose:
+        print(f"{path}: item ids are 0-based (original Recformer processing); shifting them by +1")
+    num_items = len(smap)
+    if sorted(smap.values()) != list(range(1 - shift, num_items + 1 - shift)):
+        raise DatasetError(f"{path / 'smap.json'}: item ids are not contiguous from 1 (or from 0)")
+    item_keys = [""] * (num_items + 1)
+    for key, item in smap.items():
+        item_keys[item + shift] = key
+
+    user_ids = sorted(train)
+    user_key_of = {user: key for key, user in umap.items()}
+    for name, split in splits.items():
+        unknown_user = next((user for user in split if user not in user_key_of), None)
+        if unknown_user is not None:
+            raise DatasetError(f"{path / name}: user {unknown_user} is not in umap.json")
+        _check_item_range(path / name, split, 1 - shift, num_items - shift)
+    for name, split in (("val.json", val), ("test.json", test)):
+        for user, sequence in split.items():
+            if user not in train:
+                raise DatasetError(f"{path / name}: user {user} has no training history in train.json")
+            if len(sequence) != 1:
+                raise DatasetError(f"{path / name}: user {user} has {len(sequence)} targets, expected 1")
+    for user in test:
+        if user not in val:
+            raise DatasetError(f"{path / 'test.json'}: user {user} has a test target but no validation target")
+
+    lengths = np.array([len(train[u]) + (u in val) + (u in test) for u in user_ids], dtype=np.int64)
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    items = np.fromiter(
+        (i for u in user_ids for i in (*train[u], *val.get(u, ()), *test.get(u, ()))),
+        dtype=np.int64,
+        count=int(offsets[-1]),
+    )
+    items += shift
+    item_text = _load_item_text(path, item_keys)
+    return SeqDataset(
+        path=path,
+        item_keys=item_keys,
+        user_keys=[user_key_of[u] for u in user_ids],
+        offsets=offsets,
+        items=items,
+        train_len=np.array([len(train[u]) for u in user_ids], dtype=np.int64),
+        has_val=np.array([u in val for u in user_ids], dtype=bool),
+        has_test=np.array([u in test for u in user_ids], dtype=bool),
+        item_text=item_text,
+    )
+
+
+def _load_item_text(path: Path, item_keys: list[str]) -> list[dict[str, str]] | None:
+    """Attributes of every item in id order, or None when the dataset has no meta_data.json.
+
+    The original processing writes the whole category's catalogue, so keys beyond smap are ignored; an smap item
+    missing from meta_data.json is an error.
+    """
+    meta_path = path / "meta_data.json"
+    if not meta_path.exists():
+        return None
+    meta = _read_json_object(meta_path)
+    item_text: list[dict[str, str]] = [{}]
+    for key in item_keys[1:]:
+        if key not in meta:
+            raise DatasetError(f"{meta_path}: item {key!r} from smap.json has no entry")
+        attributes = meta[key]
+        if not isinstance(attributes, dict):
+            raise DatasetError(f"{meta_path}: entry of item {key!r} is not an object of attributes")
+        item_text.append({name: "" if value is None else str(value) for name, value in attributes.items()})
+    return item_text
+
+
+def has_text(attributes: Mapping[str, str]) -> bool:
+    return any(value.strip() for value in attributes.values())
+
+
+def dataset_stats(data: SeqDataset) -> dict:
+    lengths = np.diff(data.offsets)
+    return {
+        "users": data.num_users,
+        "items": data.num_items,
+        "interactions": data.num_interactions,
+        "avg_sequence_length": round(float(lengths.mean()), 4) if len(lengths) else 0.0,
+        "median_sequence_length": float(np.median(lengths)) if len(lengths) else 0.0,
+        "density": data.num_interactions / max(1, data.num_users * data.num_items),
+        "items_without_text": (
+            data.num_items if data.item_text is None else sum(not has_text(a) for a in data.item_text[1:])
+        ),
+    }
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+
+
+def replace_dir_atomically(build, out: Path) -> None:
+    """Call build(tmp_dir), then move tmp_dir onto `out` so readers never see a half-written directory.
+
+    On any error the temporary directory is removed and an existing `out` is left untouched.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_dataset(
+    out: str | Path,
+    sequences: Mapping[str, Sequence[str]],
+    item_meta: Mapping[str, Mapping[str, str]] | None,
+) -> dict:
+    """Write `sequences` ({user key: [item key, ...] in time order}) as a dataset directory; return its stats.
+
+    Items get 1-based ids in order of first appearance, users in the given order. Leave-one-out split: the last item
+    is the test target, the one before it the validation target, the rest is training history; users with fewer
+    than 3 items keep everything in train. The directory appears atomically (temp dir, then rename).
+    """
+    out = Path(out)
+    if not sequences:
+        raise DatasetError(f"{out}: no user sequences to write")
+    smap: dict[str, int] = {}
+    umap: dict[str, int] = {}
+    train, val, test = {}, {}, {}
+    for user_key, item_sequence in sequences.items():
+        if not item_sequence:
+            raise DatasetError(f"{out}: user {user_key!r} has an empty sequence")
+        user = umap.setdefault(user_key, len(umap) + 1)
+        ids = [smap.setdefault(key, len(smap) + 1) for key in item_sequence]
+        if len(ids) < 3:
+            train[user] = ids
+        else:
+            train[user], val[user], test[user] = ids[:-2], ids[-2:-1], ids[-1:]
+    if item_meta is not None:
+        missing = next((key for key in smap if key not in item_meta), None)
+        if missing is not None:
+            raise DatasetError(f"{out}: item {missing!r} has no meta data")
+
+    def build(tmp: Path) -> None:
+        for name, split in zip(SPLIT_FILES, (train, val, test)):
+            _write_json(tmp / name, split)
+        _write_json(tmp / "smap.json", smap)
+        _write_json(tmp / "umap.json", umap)
+        if item_meta is not None:
+            _write_json(tmp / "meta_data.json", {key: dict(item_meta[key]) for key in smap})
+        stats = dataset_stats(load_dataset(tmp, verbose=False))
+        _write_json(tmp / "stats.json", stats)
+
+    replace_dir_atomically(build, out)
+    return json.loads((out / "stats.json").read_text(encoding="utf-8"))

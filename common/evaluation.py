@@ -1,0 +1,127 @@
+"""Leave-one-out next-item evaluation shared by every stage, so every model is scored by the same code.
+
+A model is seen through a `Scorer`: given left-padded histories (B, L) it returns scores for candidate items (B, C),
+or for every item id (B, num_items + 1) when no candidates are given (full ranking). The target's rank is the number
+of other candidates scoring at least as high, so ties never favour the target: a constant scorer ranks last, not
+first (the original code counted only strictly higher scores, which makes a constant scorer look perfect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from common.data import PAD, SeqDataset
+from common.run import save_atomic
+
+KS = (1, 5, 10, 20, 50)
+NEGATIVE_SEED = 98765
+Scorer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def metric_names() -> list[str]:
+    return [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS] + ["MRR"]
+
+
+def seen_item_mask(data: SeqDataset, rows: np.ndarray, ends: np.ndarray | None = None) -> torch.Tensor:
+    """(len(rows), num_items + 1) bool: True for padding and for the items before position `ends` of each row's
+    sequence (the whole sequence when `ends` is None)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = data.offsets[rows + 1] - data.offsets[rows] if ends is None else np.asarray(ends, dtype=np.int64)
+    positions = np.repeat(data.offsets[rows] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    mask = torch.zeros(len(rows), data.num_items + 1, dtype=torch.bool)
+    mask[torch.from_numpy(np.repeat(np.arange(len(rows)), lengths)), torch.from_numpy(data.items[positions])] = True
+    mask[:, PAD] = True
+    return mask
+
+
+def sample_negatives(data: SeqDataset, sample_size: int, seed: int = NEGATIVE_SEED, chunk: int = 1024) -> np.ndarray:
+    """(num_users, sample_size) negatives per user, uniform without replacement over items the user never touched.
+
+    Drawn once per dataset and cached in <data>/negatives/ so every model is ranked against the same candidates.
+    Uniform random keys with the user's items knocked out, then top-k, is an exact uniform draw without replacement.
+    """
+    cache = data.path / "negatives" / f"sample{sample_size}-seed{seed}.npy"
+    if cache.exists():
+        negatives = np.load(cache)
+        if negatives.shape == (data.num_users, sample_size):
+            return negatives
+    generator = torch.Generator().manual_seed(seed)
+    parts = []
+    for start in range(0, data.num_users, chunk):
+        rows = np.arange(start, min(start + chunk, data.num_users))
+        keys = torch.rand(len(rows), data.num_items + 1, generator=generator)
+        keys[seen_item_mask(data, rows)] = -1.0
+        top_keys, top_items = keys.topk(sample_size, dim=1)
+        if (top_keys < 0).any():
+            user = data.user_keys[rows[int((top_keys < 0).any(1).nonzero()[0])]]
+            raise ValueError(f"{data.path}: user {user!r} has fewer than {sample_size} unseen items to sample")
+        parts.append(top_items.numpy())
+    negatives = np.concatenate(parts).astype(np.int64)
+    cache.parent.mkdir(exist_ok=True)
+    save_atomic(cache, lambda tmp: np.save(open(tmp, "wb"), negatives))
+    return negatives
+
+
+def target_ranks(target_scores: torch.Tensor, other_scores: torch.Tensor, valid: torch.Tensor | None = None):
+    """(B,) 0-based rank of each target: how many valid other candidates score at least as high."""
+    beats_target = other_scores >= target_scores[:, None]
+    if valid is not None:
+        beats_target &= valid
+    return beats_target.sum(dim=1)
+
+
+def metric_sums(ranks: torch.Tensor) -> torch.Tensor:
+    """(len(metric_names()),) sums over users of HR@k, NDCG@k and MRR for 0-based ranks."""
+    ranks = ranks.double()
+    hits = [ranks < k for k in KS]
+    discount = 1.0 / torch.log2(ranks + 2.0)
+    columns = [h.double() for h in hits] + [h * discount for h in hits] + [1.0 / (ranks + 1.0)]
+    return torch.stack([c.sum() for c in columns])
+
+
+def evaluate(
+    scorer: Scorer,
+    data: SeqDataset,
+    split: str,
+    *,
+    max_len: int,
+    sample_size: int,
+    device: torch.device | str,
+    batch_size: int = 256,
+    exclude_history: bool = False,
+    seed: int = NEGATIVE_SEED,
+) -> dict[str, float]:
+    """Mean HR@k, NDCG@k (k in KS) and MRR over the users of `split`, plus "users" (how many were scored).
+
+    sample_size > 0 ranks the target against that many cached negatives; <= 0 ranks it against every item.
+    exclude_history removes the user's earlier items from full ranking (off by default, as in the paper).
+    """
+    rows, histories, targets = data.eval_split(split, max_len)
+    history_ends = data.train_len[rows] + (split == "test")
+    sampled = sample_size > 0
+    negatives = sample_negatives(data, sample_size, seed)[rows] if sampled else None
+    sums = torch.zeros(len(metric_names()), dtype=torch.float64, device=device)
+    for start in range(0, len(rows), batch_size):
+        batch = slice(start, start + batch_size)
+        history = torch.from_numpy(histories[batch]).to(device)
+        target = torch.from_numpy(targets[batch]).to(device)
+        if sampled:
+            candidates = torch.cat([target[:, None], torch.from_numpy(negatives[batch]).to(device)], dim=1)
+            scores = scorer(history, candidates).float()
+            ranks = target_ranks(scores[:, 0], scores[:, 1:])
+        else:
+            scores = scorer(history, None).float()
+            valid = torch.ones_like(scores, dtype=torch.bool)
+            if exclude_history:
+                valid &= ~seen_item_mask(data, rows[batch], history_ends[batch]).to(device)
+            valid[:, PAD] = False
+            valid.scatter_(1, target[:, None], False)
+            ranks = target_ranks(scores.gather(1, target[:, None])[:, 0], scores, valid)
+        if torch.isnan(scores).any():
+            raise ValueError(f"evaluation on {data.path} ({split}): the model produced NaN scores")
+        sums += metric_sums(ranks)
+    means = (sums / max(1, len(rows))).tolist()
+    return {**dict(zip(metric_names(), means)), "users": len(rows)}

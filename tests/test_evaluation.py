@@ -1,0 +1,172 @@
+"""Evaluation against a brute-force numpy reference, and the cached negative samples."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.data import load_dataset, write_dataset
+from common.evaluation import KS, evaluate, metric_names, sample_negatives
+
+
+def reference_metrics(scores: np.ndarray, targets: np.ndarray, candidate_ok: np.ndarray) -> dict[str, float]:
+    """Per-user loops, pessimistic on ties: rank = number of other allowed candidates scoring >= the target."""
+    hr = {k: [] for k in KS}
+    ndcg = {k: [] for k in KS}
+    rr = []
+    for row in range(len(targets)):
+        target_score = scores[row, targets[row]]
+        rank = 0
+        for item in range(scores.shape[1]):
+            if item != targets[row] and candidate_ok[row, item] and scores[row, item] >= target_score:
+                rank += 1
+        for k in KS:
+            hr[k].append(1.0 if rank < k else 0.0)
+            ndcg[k].append(1.0 / math.log2(rank + 2) if rank < k else 0.0)
+        rr.append(1.0 / (rank + 1))
+    out = {f"HR@{k}": float(np.mean(hr[k])) for k in KS}
+    out.update({f"NDCG@{k}": float(np.mean(ndcg[k])) for k in KS})
+    out["MRR"] = float(np.mean(rr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    items = [f"i{j}" for j in range(80)]
+    sequences = {
+        f"u{u}": list(rng.choice(items, size=rng.integers(3, 12), replace=False)) for u in range(57)
+    }
+    out = tmp_path_factory.mktemp("eval") / "small"
+    write_dataset(out, sequences, None)
+    return load_dataset(out)
+
+
+def table_scorer(table: torch.Tensor, rows: np.ndarray):
+    """Scores from a fixed (num_users, num_items + 1) table; evaluate() visits users in `rows` order, so a cursor
+    tells which user each batch holds."""
+    cursor = [0]
+
+    def scorer(histories, candidates):
+        batch_rows = torch.from_numpy(rows[cursor[0] : cursor[0] + len(histories)])
+        cursor[0] += len(histories)
+        full = table[batch_rows]
+        return full if candidates is None else full.gather(1, candidates)
+
+    return scorer
+
+
+def planted_tie_scores(data, seed):
+    """Integer scores from a small range (many ties), with some targets tied exactly to a competitor."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 5, size=(data.num_users, data.num_items + 1)).astype(np.float32)
+    return scores
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_full_ranking_matches_reference(small_data, split, exclude_history):
+    data = small_data
+    scores = planted_tie_scores(data, seed=3)
+    rows, histories, targets = data.eval_split(split, 60)
+    scorer = table_scorer(torch.from_numpy(scores), rows)
+
+    ok = np.ones((len(rows), data.num_items + 1), dtype=bool)
+    ok[:, 0] = False
+    if exclude_history:
+        for i, r in enumerate(rows):
+            history = data.sequence(r)[: data.train_len[r] + (split == "test")]
+            ok[i, history] = False
+    expected = reference_metrics(scores[rows], targets, ok)
+    got = evaluate(scorer, data, split, max_len=60, sample_size=0, device="cpu", batch_size=7,
+                   exclude_history=exclude_history)
+    assert got["users"] == len(rows)
+    for name in metric_names():
+        assert got[name] == pytest.approx(expected[name], abs=1e-9), name
+
+
+def test_sampled_ranking_matches_reference(small_data):
+    data = small_data
+    scores = planted_tie_scores(data, seed=4)
+    rows, histories, targets = data.eval_split("test", 60)
+    scorer = table_scorer(torch.from_numpy(scores), rows)
+    negatives = sample_negatives(data, 20)[rows]
+    ok = np.zeros((len(rows), data.num_items + 1), dtype=bool)
+    ok[np.arange(len(rows))[:, None], negatives] = True
+    expected = reference_metrics(scores[rows], targets, ok)
+    got = evaluate(scorer, data, "test", max_len=60, sample_size=20, device="cpu", batch_size=16)
+    for name in metric_names():
+        assert got[name] == pytest.approx(expected[name], abs=1e-9), name
+
+
+@pytest.mark.parametrize("sample_size", [0, 20])
+def test_constant_scorer_ranks_last(small_data, sample_size):
+    """With every score equal the target must not look perfect: it ranks behind all other candidates."""
+    def constant(histories, candidates):
+        width = small_data.num_items + 1 if candidates is None else candidates.shape[1]
+        return torch.zeros(len(histories), width)
+
+    got = evaluate(constant, small_data, "val", max_len=10, sample_size=sample_size, device="cpu")
+    candidates = small_data.num_items if sample_size <= 0 else sample_size + 1
+    assert got["HR@50"] == (1.0 if candidates <= 50 else 0.0)
+    assert got["HR@1"] == 0.0
+    assert got["MRR"] == pytest.approx(1.0 / candidates)
+
+
+def test_padding_is_never_a_candidate(small_data):
+    """A scorer that loves item 0 must not push the target down in full ranking."""
+    rows, histories, targets = small_data.eval_split("val", 10)
+    scores = torch.zeros(len(rows), small_data.num_items + 1)
+    scores[:, 0] = 100.0
+    scores[torch.arange(len(rows)), torch.from_numpy(targets)] = 1.0
+    oracle_with_padding_bias = table_scorer(scores, np.arange(len(rows)))
+
+    got = evaluate(oracle_with_padding_bias, small_data, "val", max_len=10, sample_size=0, device="cpu")
+    assert got["HR@1"] == 1.0
+
+
+def test_nan_scores_are_an_error(small_data):
+    def broken(histories, candidates):
+        return torch.full((len(histories), candidates.shape[1]), float("nan"))
+
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate(broken, small_data, "val", max_len=10, sample_size=5, device="cpu")
+
+
+def test_negatives_unseen_distinct_and_cached(small_data):
+    negatives = sample_negatives(small_data, 30)
+    assert negatives.shape == (small_data.num_users, 30)
+    for row in range(small_data.num_users):
+        seen = set(small_data.sequence(row).tolist())
+        assert len(set(negatives[row].tolist())) == 30
+        assert not seen & set(negatives[row].tolist())
+        assert 0 not in negatives[row]
+    cache = small_data.path / "negatives" / "sample30-seed98765.npy"
+    assert cache.exists()
+    stamp = cache.stat().st_mtime_ns
+    again = sample_negatives(small_data, 30)
+    np.testing.assert_array_equal(negatives, again)
+    assert cache.stat().st_mtime_ns == stamp
+    other_seed = sample_negatives(small_data, 30, seed=1)
+    assert not np.array_equal(negatives, other_seed)
+
+
+def test_negatives_are_uniform(small_data):
+    """Every unseen item is about equally likely: counts over many seeds match the uniform expectation."""
+    row = 0
+    seen = set(small_data.sequence(row).tolist())
+    unseen = [i for i in range(1, small_data.num_items + 1) if i not in seen]
+    counts = np.zeros(small_data.num_items + 1)
+    draws = 300
+    for seed in range(draws):
+        counts[sample_negatives(small_data, 10, seed=1000 + seed)[row]] += 1
+    expected = draws * 10 / len(unseen)
+    assert counts[list(seen)].sum() == 0
+    chi2 = ((counts[unseen] - expected) ** 2 / expected).sum()
+    assert chi2 < 2 * len(unseen)  # dof = len(unseen) - 1; a wildly non-uniform draw exceeds this
+
+
+def test_too_few_unseen_items_is_an_error(small_data):
+    with pytest.raises(ValueError, match="fewer than"):
+        sample_negatives(small_data, small_data.num_items)
