@@ -37,31 +37,49 @@ def seen_item_mask(data: SeqDataset, rows: np.ndarray, ends: np.ndarray | None =
     return mask
 
 
-def sample_negatives(data: SeqDataset, sample_size: int, seed: int = NEGATIVE_SEED, chunk: int = 1024) -> np.ndarray:
+def sample_negatives(data: SeqDataset, sample_size: int, seed: int = NEGATIVE_SEED) -> np.ndarray:
     """(num_users, sample_size) negatives per user, uniform without replacement over items the user never touched.
 
     Drawn once per dataset and cached in <data>/negatives/ so every model is ranked against the same candidates.
-    Uniform random keys with the user's items knocked out, then top-k, is an exact uniform draw without replacement.
     """
     cache = data.path / "negatives" / f"sample{sample_size}-seed{seed}.npy"
     if cache.exists():
         negatives = np.load(cache)
         if negatives.shape == (data.num_users, sample_size):
             return negatives
-    generator = torch.Generator().manual_seed(seed)
-    parts = []
-    for start in range(0, data.num_users, chunk):
-        rows = np.arange(start, min(start + chunk, data.num_users))
-        keys = torch.rand(len(rows), data.num_items + 1, generator=generator)
-        keys[seen_item_mask(data, rows)] = -1.0
-        top_keys, top_items = keys.topk(sample_size, dim=1)
-        if (top_keys < 0).any():
-            user = data.user_keys[rows[int((top_keys < 0).any(1).nonzero()[0])]]
-            raise ValueError(f"{data.path}: user {user!r} has fewer than {sample_size} unseen items to sample")
-        parts.append(top_items.numpy())
-    negatives = np.concatenate(parts).astype(np.int64)
+    negatives = _draw_unseen_items(data, sample_size, np.random.default_rng(seed))
     cache.parent.mkdir(exist_ok=True)
     save_atomic(cache, lambda tmp: np.save(open(tmp, "wb"), negatives))
+    return negatives
+
+
+def _draw_unseen_items(data: SeqDataset, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Rejection sampling, vectorized over users: the first n distinct unseen items of an i.i.d. uniform stream
+    form a uniform sample without replacement. Rows that run short are redrawn with a longer stream."""
+    rows = np.repeat(np.arange(data.num_users), np.diff(data.offsets))
+    seen_keys = np.unique(rows * (data.num_items + 1) + data.items)  # sorted (user, item) pairs
+    distinct_seen = np.bincount(seen_keys // (data.num_items + 1), minlength=data.num_users)
+    short = np.flatnonzero(data.num_items - distinct_seen < n)
+    if len(short):
+        raise ValueError(f"{data.path}: user {data.user_keys[short[0]]!r} has fewer than {n} unseen items to sample")
+    negatives = np.zeros((data.num_users, n), dtype=np.int64)
+    pending = np.arange(data.num_users)
+    stream = 2 * n + 16
+    while len(pending):
+        draws = rng.integers(1, data.num_items + 1, size=(len(pending), stream))
+        keys = pending[:, None] * (data.num_items + 1) + draws
+        found = np.searchsorted(seen_keys, keys).clip(max=len(seen_keys) - 1)
+        valid = seen_keys[found] != keys
+        order = np.argsort(draws, axis=1, kind="stable")  # equal draws stay in stream order
+        sorted_draws = np.take_along_axis(draws, order, axis=1)
+        repeat = np.zeros_like(valid)
+        np.put_along_axis(repeat, order[:, 1:], sorted_draws[:, 1:] == sorted_draws[:, :-1], axis=1)
+        valid &= ~repeat
+        enough = valid.sum(axis=1) >= n
+        first_valid = np.argsort(~valid, axis=1, kind="stable")[:, :n]
+        negatives[pending[enough]] = np.take_along_axis(draws, first_valid, axis=1)[enough]
+        pending = pending[~enough]
+        stream *= 2
     return negatives
 
 
