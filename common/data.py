@@ -307,17 +307,19 @@ def write_dataset(
     out: str | Path,
     sequences: Mapping[str, Sequence[str]],
     item_meta: Mapping[str, Mapping[str, str]] | None,
+    item_order: Sequence[str] | None = None,
 ) -> dict:
     """Write `sequences` ({user key: [item key, ...] in time order}) as a dataset directory; return its stats.
 
-    Items get 1-based ids in order of first appearance, users in the given order. Leave-one-out split: the last item
+    Items get 1-based ids in `item_order` (to keep an existing numbering), else in order of first appearance; users
+    in the given order. Leave-one-out split: the last item
     is the test target, the one before it the validation target, the rest is training history; users with fewer
     than 3 items keep everything in train. The directory appears atomically (temp dir, then rename).
     """
     out = Path(out)
     if not sequences:
         raise DatasetError(f"{out}: no user sequences to write")
-    smap: dict[str, int] = {}
+    smap: dict[str, int] = {key: number for number, key in enumerate(item_order or (), start=1)}
     umap: dict[str, int] = {}
     train, val, test = {}, {}, {}
     for user_key, item_sequence in sequences.items():
