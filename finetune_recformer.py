@@ -1,0 +1,271 @@
+"""Two-stage fine-tuning of Recformer for next-item prediction, as in the paper's code.
+
+A sequence is encoded by Recformer (items as text, newest first); an item is encoded as a one-item sequence. Scores
+are cosine(sequence, item) / temp against an item table that is not a parameter:
+
+    stage 1  at the start of every epoch the whole item table is re-encoded by the current encoder (no gradient),
+             then the encoder trains one epoch against it; validation after each epoch; the best model is kept
+             (early stopping on NDCG@10). Written to <out>/stage1/.
+    stage 2  the best stage-1 encoder encodes the table once; the table then stays fixed while the encoder trains on.
+             Written to <out>/stage2/.
+    test     the stage whose best validation NDCG@10 is higher is tested -> <out>/test_metrics.json.
+
+A training example is, per user and epoch, a random position of the training sequence: the items before it (possibly
+none) are the input, the item at it the label. Loss: softmax over all items, or sampled softmax with
+--finetune-negatives random items. AdamW (no weight decay on biases and LayerNorm), linear warm-up then decay.
+Evaluation is the shared code (common/evaluation.py) with the same cached negatives as SASRec and BERT4Rec.
+
+Deviations from the paper's code, on purpose: each stage gets a fresh optimiser and schedule (the paper carries one
+schedule, sized for one stage, across both, and keeps Adam moments of the last rather than the best model); the
+stage-2 table is encoded by the best stage-1 encoder (the paper reuses the table of the start of that epoch, one
+epoch older), so stage 2 trains against exactly the table that `export_embeddings.py --checkpoint <out>/stage1`
+writes; leftover accumulated gradients are applied at the end of an epoch instead of leaking into the next.
+
+    python finetune_recformer.py --data data/synthetic --backbone tiny --epochs 2
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+from safetensors.torch import load_file
+
+from common.data import DatasetError, SeqDataset, load_dataset
+from common.embeddings import EmbeddingFileError, load_item_embeddings, save_item_embeddings
+from common.evaluation import evaluate
+from common.recformer import (
+    BackboneError,
+    RecformerForSeqRec,
+    ItemTokens,
+    RecformerTokenizer,
+    build_batch,
+    dataset_item_tokens,
+    encode_items,
+    item_texts,
+    load_backbone,
+    save_checkpoint,
+    to_device,
+)
+from common.run import EarlyStopping, append_jsonl, create_run_dir, progress, resolve_device, seed_everything
+from common.run import write_json_atomic
+
+BEST_METRIC = "NDCG@10"
+TABLE_FILE = "item_table.safetensors"
+
+
+@dataclass
+class Args:
+    data: Path = Path("data/synthetic")
+    """Dataset directory with item text (written by prepare_data.py)."""
+    backbone: str = "tiny"
+    """Starting weights: a Recformer checkpoint directory (pretrain_recformer.py output), a Hugging Face Longformer /
+    BERT / RoBERTa directory or hub name, the paper's .bin state dict, or "tiny" (small random model for demos)."""
+    out: Path | None = None
+    """Run directory; default runs/finetune/<dataset>-<tag>-<timestamp>/."""
+    tag: str = "recformer"
+    """Name part of the default run directory."""
+    epochs: int = 16
+    """Maximum epochs of each stage."""
+    patience: int = 5
+    """A stage stops after this many validations without a new best NDCG@10."""
+    batch_size: int = 16
+    """Training sequences per forward pass."""
+    grad_accum: int = 8
+    """Forward passes per optimiser step."""
+    lr: float = 5e-5
+    """AdamW peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never applied to biases and LayerNorm weights)."""
+    warmup_steps: int = 100
+    """Optimiser steps of linear warm-up before the linear decay to zero at the end of the stage."""
+    finetune_negatives: int = 0
+    """Random negatives per example for sampled softmax; <= 0 uses softmax over all items (the paper's script)."""
+    fix_word_embedding: bool = False
+    """Keep the word-embedding table frozen."""
+    sample_size: int = 100
+    """Negatives per user in evaluation (the paper's Recformer runs use 100); <= 0 ranks against every item."""
+    eval_batch_size: int = 64
+    """Users per evaluation batch."""
+    encode_batch_size: int = 64
+    """Items per batch when encoding the item table."""
+    seed: int = 42
+    """Seed for initialisation, example positions and batch order."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast precision; "auto" is bfloat16 on CUDA with bf16 support, else float32. float16 uses loss scaling."""
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    return None if name == "float32" else getattr(torch, name)
+
+
+def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int):
+    """AdamW without decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 at total_steps."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for name, p in trainable if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name]
+    decay = [p for name, p in trainable if not any(p is q for q in no_decay)]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return step / max(1, args.warmup_steps)
+        return max(0.0, 1.0 - step / max(1, total_steps))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def training_examples(data: SeqDataset, max_items: int, rng: np.random.Generator):
+    """(histories (U, max_items), labels (U,)) in random user order: one random training position per user."""
+    rows = rng.permutation(np.flatnonzero(data.train_len > 0))
+    targets = (rng.random(len(rows)) * data.train_len[rows]).astype(np.int64)
+    labels = data.items[data.offsets[rows] + targets]
+    return data.left_padded(rows, targets, max_items), labels
+
+
+def table_fingerprint(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.detach().cpu().numpy().tobytes()).hexdigest()[:12]
+
+
+class Trainer:
+    """The state one fine-tuning run shares between its stages: model, item tokens, device, precision."""
+
+    def __init__(self, args: Args, data: SeqDataset, model: RecformerForSeqRec, tokenizer: RecformerTokenizer):
+        self.args, self.data, self.model, self.tokenizer = args, data, model, tokenizer
+        self.device = resolve_device(args.device)
+        self.dtype = autocast_dtype(args.dtype, self.device)
+        self.tokens: ItemTokens = dataset_item_tokens(tokenizer, data)
+        self.max_items = model.config.max_item_embeddings - 1
+        self.rng = np.random.default_rng(args.seed)
+        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        model.to(self.device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def refresh_table(self) -> None:
+        table = encode_items(
+            self.model.longformer, self.tokens, batch_size=self.args.encode_batch_size, device=self.device,
+            autocast_dtype=self.dtype,
+        )  # fmt: skip
+        self.model.set_item_table(table)
+
+    def pooled(self, histories: np.ndarray) -> torch.Tensor:
+        batch = to_device(build_batch(self.tokens, histories, self.model.config), self.device)
+        with self.autocast():
+            return self.model(**batch)
+
+    def train_epoch(self, optimizer, schedule, desc: str) -> float:
+        """One pass over the users; returns the mean loss."""
+        self.model.train()
+        histories, labels = training_examples(self.data, self.max_items, self.rng)
+        starts = range(0, len(labels), self.args.batch_size)
+        total, bar = 0.0, progress(starts, desc=desc, leave=False)
+        for step, start in enumerate(bar):
+            end = start + self.args.batch_size
+            label = torch.from_numpy(labels[start:end]).to(self.device)
+            loss = self.model.loss(self.pooled(histories[start:end]), label, self.args.finetune_negatives)
+            self.scaler.scale(loss / self.args.grad_accum).backward()
+            total += loss.item()
+            bar.set_postfix(loss=f"{total / (step + 1):.4f}")
+            if (step + 1) % self.args.grad_accum == 0 or step + 1 == len(starts):
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+        return total / max(1, len(starts))
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        self.model.eval()
+
+        def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+            return self.model.scores(self.pooled(histories.cpu().numpy()), candidates)
+
+        return evaluate(
+            scorer, self.data, split, max_len=self.max_items, sample_size=self.args.sample_size,
+            device=self.device, batch_size=self.args.eval_batch_size,
+        )  # fmt: skip
+
+    def save(self, directory: Path) -> None:
+        """Checkpoint directory plus the item table the stage's validation used."""
+        table = self.model.item_table
+        save_checkpoint(
+            directory, self.model, self.tokenizer,
+            extra=lambda tmp: save_item_embeddings(tmp / TABLE_FILE, table, self.data, str(directory)),
+        )  # fmt: skip
+
+    def load(self, directory: Path) -> None:
+        """Weights and item table of a directory written by save()."""
+        state = load_file(str(directory / "model.safetensors"))
+        self.model.load_state_dict(state)
+        self.model.set_item_table(load_item_embeddings(directory / TABLE_FILE, self.data))
+
+    def run_stage(self, stage: int, run_dir: Path, refresh_every_epoch: bool) -> float:
+        """Train one stage with early stopping; the best model goes to run_dir/stage<k>; returns its val NDCG@10."""
+        steps_per_epoch = -(-len(np.flatnonzero(self.data.train_len > 0)) // self.args.batch_size)
+        total_steps = -(-steps_per_epoch // self.args.grad_accum) * self.args.epochs
+        optimizer, schedule = optimizer_and_schedule(self.model, self.args, total_steps)
+        stopper = EarlyStopping(self.args.patience)
+        for epoch in range(1, self.args.epochs + 1):
+            began = time.time()
+            if refresh_every_epoch:
+                self.refresh_table()
+            loss = self.train_epoch(optimizer, schedule, desc=f"stage {stage} epoch {epoch}")
+            seconds = time.time() - began
+            val = self.evaluate("val")
+            record = {"stage": stage, "epoch": epoch, "train_loss": loss, "train_seconds": seconds, **val}
+            append_jsonl(run_dir / "metrics.jsonl", {**record, "item_table": table_fingerprint(self.model.item_table)})
+            print(f"stage {stage} epoch {epoch}: loss {loss:.4f}, val {BEST_METRIC} {val[BEST_METRIC]:.4f}")
+            if stopper.update(val[BEST_METRIC]):
+                self.save(run_dir / f"stage{stage}")
+            if stopper.should_stop:
+                break
+        return stopper.best
+
+
+def main(args: Args) -> None:
+    if args.epochs < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        raise SystemExit("error: --epochs, --batch-size and --grad-accum must be at least 1")
+    seed_everything(args.seed)
+    try:
+        data = load_dataset(args.data)
+        model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))
+        trainer = Trainer(args, data, model, tokenizer)
+    except (DatasetError, BackboneError, EmbeddingFileError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.fix_word_embedding:
+        model.longformer.embeddings.word_embeddings.weight.requires_grad_(False)
+    run_dir = create_run_dir(args.out, "finetune", args.data, args.tag, args)
+    print(f"run directory: {run_dir}")
+
+    trainer.refresh_table()
+    untrained = trainer.evaluate("val")
+    append_jsonl(run_dir / "metrics.jsonl", {"stage": 0, "epoch": 0, **untrained})
+    print(f"untrained: val {BEST_METRIC} {untrained[BEST_METRIC]:.4f}")
+
+    best1 = trainer.run_stage(1, run_dir, refresh_every_epoch=True)
+    trainer.load(run_dir / "stage1")
+    trainer.refresh_table()
+    best2 = trainer.run_stage(2, run_dir, refresh_every_epoch=False)
+
+    stage = 2 if best2 > best1 else 1
+    trainer.load(run_dir / f"stage{stage}")
+    test = trainer.evaluate("test")
+    write_json_atomic(run_dir / "test_metrics.json", {**test, "stage": stage, f"val_{BEST_METRIC}": max(best1, best2)})
+    print(f"test (stage {stage} model): {BEST_METRIC} {test[BEST_METRIC]:.4f}, HR@10 {test['HR@10']:.4f}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

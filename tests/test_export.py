@@ -1,0 +1,93 @@
+"""export_embeddings.py: the item table file, its determinism and its one-line errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import export_embeddings
+from common.data import load_dataset
+from common.recformer import (
+    RecformerForSeqRec,
+    build_batch,
+    dataset_item_tokens,
+    encode_items,
+    load_backbone,
+    save_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(synthetic_data, tmp_path_factory):
+    data = load_dataset(synthetic_data, verbose=False)
+    torch.manual_seed(0)
+    model, tokenizer = load_backbone("tiny", RecformerForSeqRec, data.item_text)
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(directory, model, tokenizer)
+    return directory
+
+
+def export(checkpoint, data, out, **kwargs):
+    args = export_embeddings.Args(checkpoint=str(checkpoint), data=data, out=out, device="cpu", **kwargs)
+    export_embeddings.main(args)
+    return load_file(str(out))["item_embeddings"]
+
+
+def test_export_writes_the_encoders_one_item_vectors(tiny_checkpoint, synthetic_data, tmp_path):
+    data = load_dataset(synthetic_data, verbose=False)
+    table = export(tiny_checkpoint, synthetic_data, tmp_path / "plm.safetensors", batch_size=7)
+    assert table.shape == (data.num_items + 1, 64)
+    assert torch.count_nonzero(table[0]) == 0
+    with safe_open(str(tmp_path / "plm.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["dataset_fingerprint"] == data.fingerprint and metadata["checkpoint"] == str(tiny_checkpoint)
+    # Reference: the model's own forward pass on each item alone, in item-id order, no batching.
+    model, tokenizer = load_backbone(str(tiny_checkpoint), RecformerForSeqRec)
+    tokens = dataset_item_tokens(tokenizer, data)
+    with torch.no_grad():
+        for item in (1, 17, data.num_items):
+            alone = model.eval()(**build_batch(tokens, [[item]], model.config))[0]
+            torch.testing.assert_close(table[item], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_export_is_deterministic(tiny_checkpoint, synthetic_data, tmp_path):
+    first = export(tiny_checkpoint, synthetic_data, tmp_path / "a.safetensors")
+    second = export(tiny_checkpoint, synthetic_data, tmp_path / "b.safetensors")
+    assert torch.equal(first, second)
+    # The random "tiny" backbone itself (tokenizer training included) is reproducible from the seed.
+    assert torch.equal(
+        export("tiny", synthetic_data, tmp_path / "c.safetensors", seed=3),
+        export("tiny", synthetic_data, tmp_path / "d.safetensors", seed=3),
+    )
+
+
+def test_export_uses_the_same_table_function_as_finetuning(tiny_checkpoint, synthetic_data, tmp_path):
+    data = load_dataset(synthetic_data, verbose=False)
+    model, tokenizer = load_backbone(str(tiny_checkpoint), RecformerForSeqRec)
+    tokens = dataset_item_tokens(tokenizer, data)
+    expected = encode_items(model.longformer, tokens, batch_size=64, device=torch.device("cpu"))
+    assert torch.equal(export(tiny_checkpoint, synthetic_data, tmp_path / "e.safetensors"), expected)
+
+
+def test_bad_checkpoint_fails_in_one_line(synthetic_data, tmp_path):
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(SystemExit) as error:
+        export(tmp_path / "missing", synthetic_data, out)
+    message = str(error.value)
+    assert "missing" in message and "\n" not in message
+    assert not out.exists()
+
+
+def test_dataset_without_text_fails_in_one_line(tiny_checkpoint, synthetic_data, tmp_path):
+    id_only = tmp_path / "id_only"
+    shutil.copytree(synthetic_data, id_only, ignore=shutil.ignore_patterns("meta_data.json", "recformer_tokens"))
+    stats = json.loads((id_only / "stats.json").read_text())
+    assert stats["users"] > 0
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(SystemExit) as error:
+        export(tiny_checkpoint, id_only, out)
+    assert "meta_data.json" in str(error.value) and "\n" not in str(error.value)
+    assert not out.exists()
