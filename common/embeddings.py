@@ -104,14 +104,16 @@ def pca_project(table: torch.Tensor, dim: int) -> torch.Tensor:
     return projected
 
 
-def initial_item_table(path: Path, data: SeqDataset, hidden_size: int, project: str) -> torch.Tensor:
+def initial_item_table(path: Path, data: SeqDataset, hidden_size: int | None, project: str) -> torch.Tensor:
     """The PLM table (num_items + 1, hidden_size) a recommender starts from: loaded, validated, PCA-reduced if asked.
 
     project "none" demands that the file's dimension equals hidden_size; "pca" reduces it (never enlarges it).
+    hidden_size None keeps the file's dimension.
     """
     path = Path(path)
     table = load_item_embeddings(path, data)
     dim = table.shape[1]
+    hidden_size = dim if hidden_size is None else hidden_size
     if project == "pca":
         if hidden_size > min(dim, data.num_items):
             raise EmbeddingFileError(

@@ -32,3 +32,27 @@ def synthetic_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "synthetic"
     write_dataset(out, sequences, item_meta)
     return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a 2-core machine: a second OpenMP thread mostly adds spin-waiting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def scientific(shared_data, tmp_path_factory) -> Path:
+    """Amazon Scientific (LC-Rec processing) as an ID-only dataset directory, imported once per session."""
+    from common.data import write_dataset
+    from prepare_data import Lcrec, build_lcrec
+
+    source = shared_data / "scientific"
+    sequences, _ = build_lcrec(Lcrec(source / "Scientific.inter.json", source / "Scientific.item.json", None))
+    out = tmp_path_factory.mktemp("scientific") / "scientific"
+    write_dataset(out, sequences, None)
+    return out

@@ -1,0 +1,278 @@
+"""BERT4Rec (Sun et al., 2019) whose item table can start from a language model's item vectors.
+
+The last stage of the pipeline, beside train_sasrec.py: `--init-type plm` copies <data>/embeddings/plm.safetensors
+into the token table. As in the paper's code that table is then frozen, with a zero vector for the mask token
+(`--no-freeze-embeddings` trains it instead). The model follows the paper's code: vocabulary of items + 2 (0 padding,
+items + 1 the mask token), learned positions, bidirectional transformer blocks that never attend to padding, GELU
+feed-forward of width 4d, and a separate output layer over the items.
+
+Blocks are post-LayerNorm (x = LN(x + Dropout(Attn(x))); x = LN(x + Dropout(FFN(x))); then dropout), which is what
+the paper's code runs: its pre-LN variant is present only as a commented-out line.
+
+Cloze training as in the paper's code: each item is chosen with probability --mask-prob (then 80% mask token, 10% a
+random item, 10% kept) and predicted; with probability 0.09 a sequence instead has only its newest item masked.
+Evaluation appends the mask token to the history and scores the items at that last position.
+
+Not reproduced from the paper's code (its defects): its gradient accumulation dropped the last partial batch of each
+epoch and its metrics averaged per-batch means; here every batch takes a step and metrics are per-user means. Padding
+is never a target nor a candidate, and positions count from the newest item, so left padding changes no output.
+
+    python train_bert4rec.py --data data/synthetic --init-type plm --sample-size 100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from einops import rearrange
+from torch import nn
+
+from common.data import PAD, DatasetError, load_dataset
+from common.embeddings import EmbeddingFileError, default_embeddings_path, initial_item_table
+from common.evaluation import Scorer, evaluate
+from common.run import autocast, create_run_dir, progress, resolve_device, seed_everything
+from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions, train_with_early_stopping
+
+LAST_ONLY_PROB = 0.09  # the paper's code masks only the newest item of this share of training sequences
+
+
+@dataclass
+class Args:
+    data: Path = Path("data/synthetic")
+    """Dataset directory (written by prepare_data.py)."""
+    out: Path | None = None
+    """Run directory; default runs/bert4rec/<dataset>-<init-type>-<timestamp>/."""
+    init_type: Literal["none", "plm"] = "none"
+    """Token table start: "none" = random (torch's default, as the paper), "plm" = the vectors in --embeddings."""
+    embeddings: Path | None = None
+    """PLM item-embedding file (ours, or the paper's torch-saved tensor); default <data>/embeddings/plm.safetensors."""
+    project: Literal["none", "pca"] = "none"
+    """"pca" reduces PLM vectors wider than --hidden-size by PCA over the items; "none" requires equal sizes."""
+    freeze_embeddings: bool = True
+    """Keep a PLM-initialised token table fixed, as the paper does; ignored with --init-type none."""
+    sample_size: int = 100
+    """Negatives per user in evaluation (the paper uses 100); <= 0 ranks the target against every item."""
+    mask_prob: float = 0.15
+    """Probability that a training position is chosen for prediction."""
+    epochs: int = 200
+    """Maximum number of passes over the training users."""
+    patience: int = 10
+    """Stop after this many validations without a new best NDCG@10."""
+    batch_size: int = 256
+    """Training sequences per optimiser step."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    hidden_size: int | None = None
+    """Width d of item vectors and of the transformer; default 768 (the paper), or with --init-type plm the
+    embedding file's dimension (768 for the paper's Longformer)."""
+    num_blocks: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention weights, sublayer outputs and block outputs."""
+    max_len: int = 50
+    """Sequence window, including the appended mask token at evaluation."""
+    seed: int = 42
+    """Seed for initialisation, batch order and masking."""
+    device: str = "auto"
+    """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute precision; bfloat16 runs the model under autocast (use it on CUDA)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    chunk_rows: int = 16
+    """Batches are sorted by sequence length and run in chunks of this many rows, each trimmed to its longest
+    sequence, so padding costs (almost) no compute; a value >= the batch size runs one batch (trimmed)."""
+    eval_batch_size: int = 1024
+    """Users per evaluation batch."""
+
+
+class BidirectionalBlock(nn.Module):
+    """x = LN(x + Dropout(Attn(x))); x = LN(x + Dropout(FFN(x))); Dropout(x). Attention skips padding keys."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.in_proj = nn.Linear(dim, 3 * dim)  # query, key and value projections stacked
+        self.out_proj = nn.Linear(dim, dim)
+        self.attn_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.ff = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(4 * dim, dim)
+        )
+        self.ff_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x (B, L, d), mask (B, 1, L, L) -> (B, L, d), or (B, 1, d) for the newest position only if last_only."""
+        dim = x.shape[-1]
+        residual = x[:, -1:] if last_only else x
+        q_weight, kv_weight = self.in_proj.weight.split([dim, 2 * dim])
+        q_bias, kv_bias = self.in_proj.bias.split([dim, 2 * dim])
+        q = F.linear(residual, q_weight, q_bias)
+        k, v = F.linear(x, kv_weight, kv_bias).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b l (h e) -> b h l e", h=self.heads) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask[:, :, -q.shape[2] :], dropout_p=self.dropout if self.training else 0.0
+        )
+        x = self.attn_norm(residual + self.drop(self.out_proj(rearrange(attended, "b h l e -> b l (h e)"))))
+        x = self.ff_norm(x + self.drop(self.ff(x)))
+        return self.drop(x)
+
+
+class BERT4Rec(nn.Module):
+    def __init__(self, num_items: int, args: Args):
+        super().__init__()
+        self.max_len, self.num_items = args.max_len, num_items
+        self.mask_token = num_items + 1
+        self.token_emb = nn.Embedding(num_items + 2, args.hidden_size, padding_idx=PAD)
+        self.pos_emb = nn.Embedding(args.max_len, args.hidden_size)
+        self.emb_dropout = nn.Dropout(args.dropout)
+        self.blocks = nn.ModuleList(
+            BidirectionalBlock(args.hidden_size, args.num_heads, args.dropout) for _ in range(args.num_blocks)
+        )
+        self.out = nn.Linear(args.hidden_size, num_items + 1)  # logits of ids 0..n; id 0 is never scored
+
+    def forward(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, L) left-padded item ids and mask tokens -> hidden states (B, L, d).
+
+        last_only: the last block computes the newest position only (B, 1, d), all evaluation needs.
+        """
+        x = self.token_emb(tokens) + self.pos_emb(right_aligned_positions(tokens.shape[1], self.max_len, tokens.device))
+        x = self.emb_dropout(x)
+        mask = attention_mask(tokens, causal=False)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
+        return x
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, d) -> logits (N, num_items) of items 1..n (padding is not a class)."""
+        return F.linear(hidden, self.out.weight[1:], self.out.bias[1:])
+
+
+def cloze_mask(
+    tokens: torch.Tensor, mask_prob: float, mask_token: int, num_items: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, L) left-padded sequences -> inputs (B, L), labels (B, L): the original item where predicted, else PAD.
+
+    Each real position is chosen with probability mask_prob; a chosen one becomes the mask token (80%), a random item
+    (10%) or stays (10%). With probability LAST_ONLY_PROB a sequence instead gets only its newest item masked.
+    """
+    real = tokens != PAD
+    draw = torch.rand(tokens.shape, device=tokens.device)
+    chosen = real & (draw < mask_prob)
+    kind = draw / mask_prob  # uniform on [0, 1) given that the position is chosen, as in the paper's code
+    random_items = torch.randint(1, num_items + 1, tokens.shape, device=tokens.device)
+    inputs = torch.where(chosen & (kind < 0.8), mask_token, tokens)
+    inputs = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_items, inputs)
+
+    last_only = torch.rand(tokens.shape[0], 1, device=tokens.device) < LAST_ONLY_PROB  # (B, 1)
+    newest = torch.zeros_like(real)
+    newest[:, -1] = True
+    newest &= real
+    chosen = torch.where(last_only, newest, chosen)
+    inputs = torch.where(last_only, torch.where(newest, mask_token, tokens), inputs)
+    return inputs, torch.where(chosen, tokens, PAD)
+
+
+def batch_loss(
+    model: BERT4Rec, encode: Callable[[torch.Tensor], torch.Tensor], sequences: torch.Tensor, args: Args
+) -> torch.Tensor | None:
+    """Cloze loss of one batch of sequences (B, max_len), or None when no position was drawn for prediction."""
+    inputs, labels = cloze_mask(sequences, args.mask_prob, model.mask_token, model.num_items)
+    hidden, index = hidden_at(encode, inputs, labels != PAD, args.chunk_rows)  # (N, d), (N,)
+    if len(index) == 0:
+        return None
+    return F.cross_entropy(model.item_logits(hidden), labels.reshape(-1)[index] - 1)
+
+
+def make_scorer(
+    model: BERT4Rec, encode: Callable[[torch.Tensor], torch.Tensor], args: Args, device: torch.device
+) -> Scorer:
+    """The evaluation view of the model: append the mask token, score the items at that position."""
+
+    def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        """histories (B, max_len - 1) -> scores (B, C) of candidates (B, C), or (B, num_items + 1) of every item."""
+        masked = torch.cat([histories, torch.full_like(histories[:, :1], model.mask_token)], dim=1)
+        with autocast(device, args.dtype):
+            hidden = last_hidden(encode, masked, args.chunk_rows).float()  # (B, d)
+        if candidates is None:
+            return model.out(hidden)
+        weight, bias = model.out.weight[candidates], model.out.bias[candidates]  # (B, C, d), (B, C)
+        return torch.einsum("bd,bcd->bc", hidden, weight) + bias
+
+    return scorer
+
+
+def main(args: Args) -> dict[str, float]:
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    if args.max_len < 2:
+        raise SystemExit("error: --max-len must be at least 2 (one history item and the mask token)")
+    try:
+        data = load_dataset(args.data)
+        table = None
+        if args.init_type == "plm":
+            path = args.embeddings or default_embeddings_path(args.data)
+            table = initial_item_table(path, data, args.hidden_size, args.project)
+        args = dataclasses.replace(args, hidden_size=table.shape[1] if table is not None else args.hidden_size or 768)
+        if args.hidden_size % args.num_heads:
+            raise SystemExit(f"error: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")
+        model = BERT4Rec(data.num_items, args)
+        if table is not None:
+            mask_row = table.new_zeros(1, table.shape[1])  # the paper gives the mask token a zero vector
+            model.token_emb.weight.data.copy_(torch.cat([table, mask_row]))
+            model.token_emb.weight.requires_grad_(not args.freeze_embeddings)
+    except (DatasetError, EmbeddingFileError) as error:
+        raise SystemExit(f"error: {error}") from None
+    model.to(device)
+    sequences = torch.from_numpy(data.train_matrix(args.max_len)).to(device)  # (U, max_len) left-padded
+    encode = torch.compile(model, dynamic=True) if args.compile else model
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    run_dir = create_run_dir(args.out, "bert4rec", args.data, args.init_type, args)
+    print(f"{data.name}: {len(sequences)} training sequences, {data.num_items} items, run {run_dir}")
+
+    def train_epoch(epoch: int) -> float:
+        order = torch.randperm(len(sequences), device=device)
+        total, steps = torch.zeros((), device=device), 0
+        for batch in progress(order.split(args.batch_size), desc=f"epoch {epoch}", leave=False):
+            with autocast(device, args.dtype):
+                loss = batch_loss(model, encode, sequences[batch], args)
+            if loss is None:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            steps += 1
+        return float(total) / max(1, steps)
+
+    scorer = make_scorer(model, encode, args, device)
+
+    def evaluate_split(split: str) -> dict[str, float]:
+        return evaluate(
+            scorer,
+            data,
+            split,
+            max_len=args.max_len - 1,
+            sample_size=args.sample_size,
+            device=device,
+            batch_size=args.eval_batch_size,
+        )
+
+    test = train_with_early_stopping(model, train_epoch, evaluate_split, run_dir, args.epochs, args.patience)
+    print("test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "users"))
+    return test
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
