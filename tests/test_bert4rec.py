@@ -4,11 +4,10 @@ cloze-masking statistics, the evaluation scorer, learning on real data and the r
 import json
 
 import numpy as np
-import pytest
 import torch
 import tyro
 
-from common.data import PAD, write_dataset
+from common.data import PAD
 from train_bert4rec import LAST_ONLY_PROB, Args, BERT4Rec, BidirectionalBlock, cloze_mask, main
 
 
