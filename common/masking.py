@@ -25,9 +25,10 @@ def word_ids(word_start: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
 def choose_words(word_of_token: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor:
     """(B, L) bool: tokens of whole words picked in random order until about `probability` of the row is covered.
 
-    As in BERT's whole-word masking, each row gets round(probability * maskable tokens) predictions (at least one
-    when it has any maskable token); words are taken in a random order and the first word that would overshoot the
-    budget ends the selection, except that the first word is always taken.
+    As in BERT's whole-word masking, each row has a budget of round(probability * maskable tokens) predictions (at
+    least one when it has any maskable token) and takes whole words in a random order; the selection ends at the word
+    boundary nearest to the budget (a word is taken while its midpoint lies within the budget), so the masked share
+    is `probability` on average, and the first word is always taken.
     """
     batch, length = word_of_token.shape
     maskable = word_of_token >= 0
@@ -37,10 +38,11 @@ def choose_words(word_of_token: torch.Tensor, probability: float, generator: tor
     keys = torch.rand(batch, length, generator=generator).masked_fill(~exists, float("inf"))
     order = torch.argsort(keys, dim=1)  # existing words first, in random order
     sorted_length = torch.gather(word_length, 1, order)
-    covered = torch.cumsum(sorted_length, dim=1)
+    before = torch.cumsum(sorted_length, dim=1) - sorted_length  # tokens of the words ahead in the order
     budget = torch.clamp(torch.round(maskable.sum(1) * probability), min=1).long().unsqueeze(1)  # (B, 1)
     first = torch.arange(length).unsqueeze(0) == 0
-    take_sorted = torch.gather(exists, 1, order) & ((covered <= budget) | first)
+    within = 2 * before + sorted_length <= 2 * budget  # midpoint of the word within the budget
+    take_sorted = torch.gather(exists, 1, order) & (within | first)
     take_word = torch.zeros_like(take_sorted).scatter_(1, order, take_sorted)
     return maskable & torch.gather(take_word, 1, slot)
 

@@ -1,0 +1,621 @@
+"""Recformer pre-training under DeepSpeed: item-item contrastive learning plus whole-word masked LM.
+
+Reads a corpus in the paper's layout (`train.json`, `dev.json`: lists of item-key sequences in time order;
+`meta_data.json`: {item key: {attribute: text}}), e.g. one built by `prepare_data.py pretrain-corpus`. Each sequence
+gives one pair per epoch: a target position drawn uniformly from [(len-1)//2, len-1]; side a = the items before it,
+side b = the target item alone. Loss = cross-entropy of cosine(pooled a, pooled b) / temp over the whole global batch
+(embeddings all-gathered across ranks) + mlm_weight * whole-word masked-LM loss on each side.
+
+Launch any of these ways (CPU: gloo; GPU: nccl):
+    python pretrain_recformer.py --data data/corpus --backbone tiny --out runs/pretrain/demo
+    torchrun --nproc_per_node 2 pretrain_recformer.py --data data/corpus --zero-stage 2
+    deepspeed pretrain_recformer.py --zero-stage 2 --data data/corpus
+Outputs under --out: `deepspeed/` (DeepSpeed's own checkpoints, for --resume), `best/` (the checkpoint with the best
+dev accuracy so far) and `final/` (the last weights): consolidated fp32 Recformer checkpoint directories that
+`finetune_recformer.py --backbone` and `export_embeddings.py --checkpoint` read as is; `metrics.jsonl` (losses,
+learning rate, train accuracy, encoder tokens/s and peak memory every --log-every steps; dev accuracy and loss).
+A run is deterministic for a given seed and number of processes: data order, pairs, masks and dropout are drawn from
+seeds derived from (seed, epoch or step, rank), so --resume reproduces the uninterrupted run.
+"""
+
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from deepspeed.utils import safe_get_full_fp32_param
+
+from common.masking import whole_word_mask
+from common.recformer import (
+    NAME_TYPE,
+    BackboneError,
+    VALUE_TYPE,
+    ItemTokens,
+    RecformerForPretraining,
+    build_batch,
+    cached_item_tokens,
+    load_backbone,
+    save_checkpoint,
+    to_device,
+)
+from common.run import append_jsonl, create_run_dir, progress, save_atomic
+
+
+@dataclass
+class Args:
+    data: Path = Path("data/corpus")
+    """corpus directory with train.json, dev.json and meta_data.json (`prepare_data.py pretrain-corpus` builds one)"""
+    backbone: str = "tiny"
+    """model to start from: any form `common/recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder, Recformer
+    checkpoint directory, the paper's .bin files, or `tiny`)"""
+    out: Path | None = None
+    """run directory (default runs/pretrain/<corpus>-<backbone>-<timestamp>)"""
+    resume: bool = False
+    """continue the run in --out from its latest DeepSpeed checkpoint, exactly where it stopped"""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also the parameters"""
+    bf16: bool = False
+    """train in bfloat16 (fp32 master weights kept by DeepSpeed)"""
+    fp16: bool = False
+    """train in float16 with dynamic loss scaling (CUDA only)"""
+    batch_size: int = 16
+    """sequences per micro-batch on each process"""
+    grad_accum: int = 8
+    """micro-batches per optimizer step"""
+    lr: float = 5e-5
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (never on biases and LayerNorm weights)"""
+    warmup_steps: int = 100
+    """optimizer steps of linear warm-up from 0 to --lr; linear decay to 0 follows"""
+    clip_grad: float = 1.0
+    """gradient clipping: maximum global gradient norm"""
+    offload_optimizer: bool = False
+    """keep optimizer states in CPU memory (ZeRO stages 1-3)"""
+    fix_word_embedding: bool = False
+    """freeze the word-embedding table, as the paper does"""
+    epochs: int = 32
+    """passes over train.json"""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0: run all epochs); the schedule still spans all epochs, so a stopped
+    run resumes exactly"""
+    eval_every: int = 250
+    """optimizer steps between dev evaluations (also evaluated at the end)"""
+    save_every: int = 1000
+    """optimizer steps between DeepSpeed checkpoints (also saved at the end)"""
+    keep_checkpoints: int = 2
+    """DeepSpeed checkpoints kept in <out>/deepspeed (older ones are deleted)"""
+    mlm_probability: float = 0.15
+    """share of each side's text tokens chosen for masked LM, as whole words"""
+    seed: int = 42
+    """seeds the weights of new layers, the data order, the pairs, the masks and dropout"""
+    log_every: int = 10
+    """optimizer steps between lines in metrics.jsonl"""
+
+
+# ---------------------------------------------------------------------------------------------------------- corpus
+
+
+class InputError(ValueError):
+    """The corpus cannot be read or the arguments do not fit it; the message names the file and the problem in one
+    line."""
+
+
+@dataclass
+class Sequences:
+    """Item-id sequences stored flat: sequence i is items[offsets[i]:offsets[i + 1]], oldest first."""
+
+    offsets: np.ndarray  # (n + 1,) int64
+    items: np.ndarray  # (total,) int64, ids >= 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class Corpus:
+    path: Path
+    item_keys: list[str]  # item_keys[i] = key of item id i; [0] = "" (padding)
+    item_text: list[dict[str, str]]  # item_text[i] = attributes of item id i; [0] = {}
+    train: Sequences
+    dev: Sequences
+
+
+def read_json(path: Path, kind: type):
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: invalid JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise InputError(f"{path}: expected a JSON {kind.__name__} at top level")
+    return value
+
+
+def read_sequences(path: Path, item_id: dict[str, int]) -> Sequences:
+    """A list of item-key lists -> Sequences; every key must be in meta_data.json, every sequence hold 2+ items."""
+    raw = read_json(path, list)
+    for number, sequence in enumerate(raw):
+        if not isinstance(sequence, list) or len(sequence) < 2:
+            raise InputError(f"{path}: sequence {number} is not a list of at least 2 item keys")
+    try:
+        items = np.fromiter((item_id[key] for sequence in raw for key in sequence), dtype=np.int64)
+    except (KeyError, TypeError) as error:
+        raise InputError(f"{path}: item {error} has no entry in meta_data.json") from None
+    lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+    return Sequences(np.concatenate([[0], np.cumsum(lengths)]), items)
+
+
+def load_corpus(path: Path) -> Corpus:
+    """The paper's pre-training layout in `path`; item ids follow meta_data.json's order, from 1."""
+    path = Path(path)
+    meta = read_json(path / "meta_data.json", dict)
+    item_keys = ["", *meta]
+    item_text = [{}]
+    for key in meta:
+        if not isinstance(meta[key], dict):
+            raise InputError(f"{path / 'meta_data.json'}: entry of item {key!r} is not an object of attributes")
+        item_text.append({str(name): "" if value is None else str(value) for name, value in meta[key].items()})
+    item_id = {key: i for i, key in enumerate(item_keys) if i}
+    train, dev = (read_sequences(path / name, item_id) for name in ("train.json", "dev.json"))
+    return Corpus(path, item_keys, item_text, train, dev)
+
+
+def sample_pairs(
+    sequences: Sequences, rows: np.ndarray, draws: np.ndarray, history: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(side a (B, history) left-padded item ids, side b (B, 1)) for sequences `rows`.
+
+    The target position is uniform in [(len-1)//2, len-1], picked by draws[rows] (uniform in [0, 1)); side a is the
+    `history` items before it (fewer, zero-padded on the left, when the sequence is shorter), side b the target.
+    """
+    starts = sequences.offsets[rows]
+    lengths = sequences.lengths[rows]
+    first = (lengths - 1) // 2
+    position = first + np.floor(draws[rows] * (lengths - first)).astype(np.int64)
+    targets = sequences.items[starts + position]
+    index = (starts + position)[:, None] + np.arange(-history, 0)[None, :]  # (B, history)
+    before = index >= starts[:, None]
+    side_a = np.where(before, sequences.items[np.where(before, index, 0)], 0)
+    return side_a, targets[:, None]
+
+
+# ------------------------------------------------------------------------------------------------------ objective
+
+
+def gather_keep_local_grad(local: torch.Tensor) -> torch.Tensor:
+    """(world * B, H): every rank's rows in rank order; only this rank's own slice carries gradient."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[dist.get_rank()] = local
+    return torch.cat(parts)
+
+
+def contrastive_loss(pooled_a: torch.Tensor, pooled_b: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, correct): cross-entropy of cosine / temp between each global a and every global b, labels diagonal.
+
+    pooled_a, pooled_b: (B, H) of this rank. Every other rank's pairs act as extra negatives. Each rank sees the
+    same loss value but differentiates only through its own rows; the data-parallel gradient average then divides
+    that gradient by the world size, which the caller undoes (see `train_step`).
+    """
+    a = F.normalize(gather_keep_local_grad(pooled_a).float(), dim=-1)
+    b = F.normalize(gather_keep_local_grad(pooled_b).float(), dim=-1)
+    scores = a @ b.T / temp  # (N, N)
+    labels = torch.arange(scores.shape[0], device=scores.device)
+    return F.cross_entropy(scores, labels), (scores.argmax(1) == labels).sum()
+
+
+class PretrainingPasses(torch.nn.Module):
+    """What the DeepSpeed engine runs: the paper's four encoder passes per step.
+
+    Clean sides a and b give the pooled vectors of the contrastive loss; their masked copies give the masked-LM
+    losses. One module call, so ZeRO-3 gathers each layer's parameters once per pass.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, side_a: dict, side_b: dict, masked_a: dict | None = None, masked_b: dict | None = None):
+        """(pooled a (B, H), pooled b (B, H), masked-LM loss of a + of b, or None without masked inputs)."""
+        pooled_a = self.model.longformer(**side_a)[1]
+        pooled_b = self.model.longformer(**side_b)[1]
+        if masked_a is None:
+            return pooled_a, pooled_b, None
+        mlm = self.model(**masked_a).mlm_loss + self.model(**masked_b).mlm_loss
+        return pooled_a, pooled_b, mlm
+
+
+def side_inputs(tokens: ItemTokens, ids: np.ndarray, config, device) -> dict[str, torch.Tensor]:
+    """Model tensors of one side: ids (B, L) left-padded item ids."""
+    return to_device(build_batch(tokens, ids, config), device)
+
+
+def masked_side_inputs(
+    tokens: ItemTokens, ids: np.ndarray, config, mask_token_id: int, probability: float, generator, device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(clean model tensors, whole-word-masked copy with `mlm_labels`) of one side."""
+    clean = build_batch(tokens, ids, config, with_word_starts=True)
+    word_starts = clean.pop("word_starts")
+    text = (clean["token_type_ids"] == NAME_TYPE) | (clean["token_type_ids"] == VALUE_TYPE)  # never leading/padding
+    mlm_ids, labels = whole_word_mask(
+        clean["input_ids"], word_starts, text, mask_token_id=mask_token_id, vocab_size=config.vocab_size,
+        probability=probability, generator=generator,
+    )  # fmt: skip
+    return to_device(clean, device), to_device(dict(clean, input_ids=mlm_ids, mlm_labels=labels), device)
+
+
+def train_step(engine, inputs: tuple, temp: float, mlm_weight: float, world: int) -> tuple[float, float, int]:
+    """One micro-batch forward and backward (DeepSpeed steps the optimizer at accumulation boundaries)."""
+    pooled_a, pooled_b, mlm = engine(*inputs)
+    contrastive, correct = contrastive_loss(pooled_a, pooled_b, temp)
+    # Scaled by the world size so that N processes step exactly as one process on the whole global batch: each
+    # rank's gradient reaches only its own rows, and DeepSpeed averages (not sums) gradients across ranks.
+    engine.backward(world * contrastive + mlm_weight * mlm)
+    engine.step()
+    return contrastive.item(), mlm.item(), int(correct)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def consolidated_fp32_state(engine, frozen: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The Recformer's full fp32 weights on rank 0 ({} elsewhere). Collective: every rank must call it.
+
+    DeepSpeed's fp32 master copy is partitioned (ZeRO 1-3) and the module may hold bf16/fp16 copies; frozen tensors
+    have no master copy, so their fp32 values were kept aside before training.
+    """
+    state, full_of = {}, {}
+    for name, param in engine.module.model.named_parameters(remove_duplicate=False):
+        if id(param) not in full_of:
+            full = frozen.get(name)
+            if full is None:
+                full = safe_get_full_fp32_param(param)  # gathers across ranks under ZeRO 1-3
+            if full is None:
+                full = param.detach()  # ZeRO 0 without mixed precision: the parameter is its own master copy
+            full_of[id(param)] = full.float().cpu().clone() if rank == 0 else None
+        if rank == 0:
+            state[name] = full_of[id(param)]
+    return state
+
+
+def save_recformer(directory: Path, engine, frozen, config, tokenizer, rank: int) -> None:
+    """A Recformer checkpoint directory (C's format) of the current fp32 weights, written atomically by rank 0."""
+    state = consolidated_fp32_state(engine, frozen, rank)
+    if rank == 0:
+        with torch.device("meta"):  # no second random initialisation: the tensors come from `state`
+            model = RecformerForPretraining(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        save_checkpoint(directory, model, tokenizer)
+    dist.barrier()
+
+
+def save_deepspeed(engine, directory: Path, step: int, client_state: dict, keep: int, rank: int) -> None:
+    """DeepSpeed's checkpoint of everything (model, optimizer, scheduler; every rank writes its shards) plus ours.
+
+    Written under a temporary tag that is renamed once every rank has finished, and only then does `latest` move:
+    an interrupted save leaves no half-written step directory, and the previous checkpoint stays in charge.
+    """
+    tag, temporary = f"step{step:08d}", f".tmp-step{step:08d}"
+    engine.save_checkpoint(str(directory), tag=temporary, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        if (directory / tag).exists():  # the same step saved again (a resumed run that had already finished)
+            shutil.rmtree(directory / tag)
+        (directory / temporary).rename(directory / tag)
+        save_atomic(directory / "latest", lambda tmp: tmp.write_text(tag))
+        stale = sorted(p for p in directory.glob("step*") if p.is_dir())[:-keep] + list(directory.glob(".tmp-step*"))
+        for old in stale:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------- setup
+
+DEV_STREAM, MASK_STREAM = 1_000_003, 1_000_033  # keys that keep the dev and masking random streams apart
+
+
+def step_seed(*keys: int) -> int:
+    """A seed determined by `keys` alone, so a step's random draws depend only on where it is (exact resume)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def epoch_plan(seed: int, epoch: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order of the training sequences, one uniform draw per sequence for its target position) of one epoch.
+
+    Independent of the number of processes: the global batches, and so the losses, are the same for any split.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(size), rng.random(size)
+
+
+def parse_args() -> Args:
+    # The deepspeed launcher appends --local_rank=N; the same value is in the LOCAL_RANK environment variable.
+    argv = [arg for arg in sys.argv[1:] if not re.fullmatch(r"--local[-_]rank=\d+", arg)]
+    return tyro.cli(Args, args=argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under deepspeed, torchrun or plain python (then a one-process group)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def fused_adam_builds() -> bool:
+    """Whether DeepSpeed's fused Adam can be compiled here (it needs CUDA and a compiler)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    return get_accelerator().device_name() == "cuda" and FusedAdamBuilder().is_compatible(verbose=False)
+
+
+def deepspeed_config(args: Args, world: int, total_steps: int) -> dict:
+    torch_adam = not fused_adam_builds()
+    zero: dict = {"stage": args.zero_stage}
+    if args.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": args.batch_size * args.grad_accum * world,
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.grad_accum,
+        "gradient_clipping": args.clip_grad,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "torch_adam": torch_adam}},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": min(args.warmup_steps, total_steps),
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": args.lr,
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": zero,
+        # DeepSpeed's CPU Adam is a compiled op; torch's AdamW runs on offloaded states as well.
+        "zero_force_ds_cpu_optimizer": not torch_adam,
+        "bf16": {"enabled": args.bf16},
+        "fp16": {"enabled": args.fp16},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters, with no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def item_tokens(tokenizer, corpus: Corpus, rank: int) -> ItemTokens:
+    """Every corpus item tokenized once and cached as arrays in <corpus>/recformer_tokens/ (rank 0 writes it)."""
+    if rank == 0:
+        tokens = cached_item_tokens(tokenizer, corpus.item_text, corpus.path / "recformer_tokens")
+    dist.barrier()
+    if rank != 0:
+        tokens = cached_item_tokens(tokenizer, corpus.item_text, corpus.path / "recformer_tokens")
+    return tokens
+
+
+def shared_run_dir(args: Args, rank: int) -> Path:
+    """The run directory, chosen and created by rank 0 and told to the others (a default name holds a timestamp)."""
+    chosen = [None]
+    if rank == 0:
+        tag = Path(args.backbone).name
+        chosen[0] = create_run_dir(args.out, "pretrain", args.data, tag, args)
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+
+
+@dataclass
+class Run:
+    """Everything the training loop reads, fixed once set up."""
+
+    args: Args
+    corpus: Corpus
+    tokens: ItemTokens
+    tokenizer: object  # common.recformer.RecformerTokenizer
+    config: object  # common.recformer.RecformerConfig
+    frozen: dict  # fp32 values of frozen parameters, by name
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    micro_per_epoch: int  # micro-batches per epoch (global batches: every rank takes one slice of each)
+    stop_step: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.args.batch_size * self.world
+
+
+def micro_batch_inputs(run: Run, micro: int, plan: tuple[np.ndarray, np.ndarray]) -> tuple[dict, ...]:
+    """(clean a, clean b, masked a, masked b) model tensors of this rank's slice of global micro-batch `micro`."""
+    args = run.args
+    order, draws = plan
+    index = micro % run.micro_per_epoch
+    rows = order[index * run.global_batch + run.rank * args.batch_size :][: args.batch_size]
+    generator = torch.Generator().manual_seed(step_seed(args.seed, MASK_STREAM, run.rank, micro))
+    sides = sample_pairs(run.corpus.train, rows, draws, run.config.max_item_embeddings - 1)
+    (clean_a, masked_a), (clean_b, masked_b) = (
+        masked_side_inputs(run.tokens, side, run.config, run.tokenizer.mask_token_id, args.mlm_probability,
+                           generator, run.device)
+        for side in sides
+    )  # fmt: skip
+    return clean_a, clean_b, masked_a, masked_b
+
+
+@torch.no_grad()
+def evaluate(run: Run, engine) -> dict:
+    """Contrastive loss and accuracy on dev.json, in global batches like training (fixed pairs, no masking)."""
+    engine.eval()
+    draws = np.random.default_rng([run.args.seed, DEV_STREAM]).random(len(run.corpus.dev))
+    batches = len(run.corpus.dev) // run.global_batch
+    loss, correct = 0.0, 0
+    for i in progress(range(batches), desc="dev", leave=False):
+        rows = i * run.global_batch + run.rank * run.args.batch_size + np.arange(run.args.batch_size)
+        sides = sample_pairs(run.corpus.dev, rows, draws, run.config.max_item_embeddings - 1)
+        pooled_a, pooled_b, _ = engine(*(side_inputs(run.tokens, side, run.config, run.device) for side in sides))
+        batch_loss, batch_correct = contrastive_loss(pooled_a, pooled_b, run.config.temp)
+        loss += batch_loss.item()
+        correct += int(batch_correct)
+    engine.train()
+    return {"dev_loss": loss / batches, "dev_accuracy": correct / (batches * run.global_batch)}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: accelerator memory on CUDA, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def log_window(run: Run, engine, step: int, micro_step: int, window: torch.Tensor, seconds: float) -> None:
+    """One metrics.jsonl line for the steps since the last one; window is summed over ranks here."""
+    dist.all_reduce(window)
+    # The contrastive terms are the same on every rank; mlm (side a + side b, as in the loss) is averaged over ranks.
+    contrastive, mlm, correct, micros = (window[:4] / run.world).tolist()
+    tokens = window[4].item()  # encoder input tokens (without padding) of all four passes on all ranks
+    if run.rank == 0:
+        append_jsonl(run.out / "metrics.jsonl", {
+            "step": step, "epoch": micro_step / run.micro_per_epoch, "lr": engine.get_lr()[0],
+            "contrastive_loss": contrastive / micros, "mlm_loss": mlm / micros,
+            "loss": (contrastive + run.config.mlm_weight * mlm) / micros,
+            "train_accuracy": correct / (micros * run.global_batch),
+            "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(run.device),
+        })  # fmt: skip
+
+
+def train(run: Run, engine, state: dict) -> None:
+    """Optimizer steps from where `state` stands to run.stop_step: log, evaluate, keep the best, checkpoint."""
+    args = run.args
+    window = torch.zeros(5, dtype=torch.float64)  # contrastive, mlm, correct pairs, micro-batches, tokens
+    planned_epoch, plan = -1, None
+    began = time.perf_counter()
+    first_step = state["micro_step"] // args.grad_accum + 1
+    for step in progress(range(first_step, run.stop_step + 1), desc="pretrain", initial=first_step - 1,
+                         total=run.stop_step):  # fmt: skip
+        for _ in range(args.grad_accum):
+            micro = state["micro_step"]
+            epoch = micro // run.micro_per_epoch
+            if epoch != planned_epoch:
+                plan, planned_epoch = epoch_plan(args.seed, epoch, len(run.corpus.train)), epoch
+            inputs = micro_batch_inputs(run, micro, plan)
+            torch.manual_seed(step_seed(args.seed, run.rank, micro))  # dropout
+            contrastive, mlm, correct = train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
+            tokens = sum(inputs[i]["attention_mask"].sum().item() for i in range(4))
+            window += torch.tensor([contrastive, mlm, correct, 1, tokens], dtype=torch.float64)
+            state["micro_step"] += 1
+        if step % args.log_every == 0 or step == run.stop_step:
+            log_window(run, engine, step, state["micro_step"], window, time.perf_counter() - began)
+            window.zero_()
+            began = time.perf_counter()
+        if step % args.eval_every == 0 or step == run.stop_step:
+            scores = evaluate(run, engine)
+            if run.rank == 0:
+                append_jsonl(run.out / "metrics.jsonl", {"step": step, **scores})
+                print(f"step {step}: dev accuracy {scores['dev_accuracy']:.4f}, dev loss {scores['dev_loss']:.4f}")
+            if scores["dev_accuracy"] > state["best_accuracy"]:
+                state["best_accuracy"] = scores["dev_accuracy"]
+                save_recformer(run.out / "best", engine, run.frozen, run.config, run.tokenizer, run.rank)
+            began = time.perf_counter()  # throughput counts training only
+        if step % args.save_every == 0 or step == run.stop_step:
+            save_deepspeed(engine, run.out / "deepspeed", step, dict(state), args.keep_checkpoints, run.rank)
+            began = time.perf_counter()
+
+
+def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
+    """Set up, train; returns the run directory and the engine (tests read each rank's weights from it)."""
+    if args.bf16 and args.fp16:
+        raise InputError("--bf16 and --fp16 exclude each other")
+    if args.resume and (args.out is None or not (args.out / "deepspeed" / "latest").exists()):
+        raise InputError(f"{args.out}: --resume needs --out, a run directory holding deepspeed/latest")
+    if not args.resume and args.out is not None and (args.out / "metrics.jsonl").exists():
+        raise InputError(f"{args.out}: holds a previous run; pass --resume to continue it, or choose another --out")
+    corpus = load_corpus(args.data)  # before any process group: a bad corpus fails fast
+    rank, world, device = init_distributed()
+    if rank != 0:  # only rank 0 talks
+        sys.stdout = open(os.devnull, "w")
+        os.environ["RECSYS_QUIET"] = "1"
+    torch.manual_seed(args.seed)  # new layers of the backbone start the same on every rank
+    model, tokenizer = load_backbone(args.backbone, RecformerForPretraining, texts=corpus.item_text)
+    tokens = item_tokens(tokenizer, corpus, rank)
+
+    global_batch = args.batch_size * world
+    micro_per_epoch = len(corpus.train) // global_batch
+    total_steps = args.epochs * micro_per_epoch // args.grad_accum
+    if total_steps == 0 or len(corpus.dev) < global_batch:
+        raise InputError(
+            f"{corpus.path}: {len(corpus.train)} train / {len(corpus.dev)} dev sequences are too few for one "
+            f"optimizer step of {global_batch} x {args.grad_accum} sequences and one dev batch of {global_batch}"
+        )
+    out = shared_run_dir(args, rank)
+    print(f"{len(corpus.train)} train / {len(corpus.dev)} dev sequences, {len(corpus.item_keys) - 1} items, "
+          f"{world} process(es), {total_steps} optimizer steps of {global_batch * args.grad_accum} sequences")
+
+    if args.fix_word_embedding:
+        model.longformer.embeddings.word_embeddings.weight.requires_grad_(False)
+    frozen = {name: p.detach().float().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    engine, *_ = deepspeed.initialize(
+        model=PretrainingPasses(model),
+        model_parameters=parameter_groups(model, args.weight_decay),
+        config=deepspeed_config(args, world, total_steps),
+    )
+    state = {"micro_step": 0, "best_accuracy": -1.0}
+    if args.resume:
+        _, client_state = engine.load_checkpoint(str(out / "deepspeed"))
+        state.update({key: client_state[key] for key in state})
+        print(f"resumed from step {state['micro_step'] // args.grad_accum}")
+    stop_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
+    run = Run(args, corpus, tokens, tokenizer, model.config, frozen, out, rank, world, device, micro_per_epoch,
+              stop_step)  # fmt: skip
+    train(run, engine, state)
+    save_recformer(out / "final", engine, frozen, model.config, tokenizer, rank)
+    print(f"wrote {out / 'final'} (best dev accuracy {state['best_accuracy']:.4f} in {out / 'best'})")
+    return out, engine
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (InputError, BackboneError) as error:
+        raise SystemExit(f"error: {error}") from None

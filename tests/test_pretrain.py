@@ -1,0 +1,255 @@
+"""Pre-training under DeepSpeed on CPU (gloo): one and two processes, ZeRO 0-3, exact resume, the global contrastive
+loss. Runs are subprocesses started the ways users start them: python (one process), torchrun and the deepspeed
+launcher (two processes)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, SHARED_DATA
+
+import pretrain_recformer as P
+
+PYTHON = sys.executable
+WINDOW = 4  # items per corpus sequence: short sequences keep every encoder pass cheap
+RUN = ["--backbone", "tiny", "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-3", "--warmup-steps", "2",
+       "--eval-every", "1000", "--log-every", "1"]  # fmt: skip
+
+# Runs pretrain_recformer.main, then stores this rank's weights so the test can compare ranks; then, in the same
+# process group, this rank's share of the global contrastive loss on a fixed 8-pair batch and the gradient that the
+# data-parallel average makes of it (the contrastive test compares both with one process on the whole batch).
+WORKER = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {str(REPO)!r})
+    import torch, torch.distributed as dist
+    import pretrain_recformer as P
+    out, engine = P.main(P.parse_args())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights = {{name: t.detach().float().cpu() for name, t in engine.module.model.state_dict().items()}}
+    torch.save(weights, out / f"rank{{rank}}.pt")
+
+    torch.manual_seed(0)
+    x_a, x_b, weight = torch.randn(8, 5), torch.randn(8, 5), torch.randn(5, 6, requires_grad=True)
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    loss, correct = P.contrastive_loss(x_a[rows] @ weight, x_b[rows] @ weight, temp=0.05)
+    (world * loss).backward()  # as train_step scales it
+    dist.all_reduce(weight.grad)
+    weight.grad /= world  # the data-parallel average
+    torch.save({{"loss": loss.detach(), "correct": correct, "grad": weight.grad}}, out / f"contrastive{{rank}}.pt")
+""")
+
+
+def sequence_windows(data, rows) -> list[list[str]]:
+    """Consecutive WINDOW-item pieces of the given users' sequences, as item keys."""
+    windows = []
+    for row in rows:
+        items = data.sequence(row)
+        starts = range(0, len(items) - WINDOW + 1, WINDOW)
+        windows += [[data.item_keys[i] for i in items[s : s + WINDOW]] for s in starts]
+    return windows
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus in the paper's layout: MovieLens-100k (short item text) from ../shared/data when present,
+    else the built-in synthetic data; 96 training and 16 dev sequences of WINDOW items from disjoint users."""
+    from common.data import load_dataset, write_dataset
+
+    root = tmp_path_factory.mktemp("pretrain")
+    if (SHARED_DATA / "ml-100k").is_dir():
+        import prepare_data
+
+        prepare_data.run(prepare_data.Recbole(dir=SHARED_DATA / "ml-100k", name="ml-100k", out=root / "source"))
+    else:
+        from prepare_data import synthetic_catalogue
+
+        write_dataset(root / "source", *synthetic_catalogue(num_users=200, num_items=100, seed=0))
+    data = load_dataset(root / "source", verbose=False)
+    train = sequence_windows(data, range(0, 40))[:96]
+    dev = sequence_windows(data, range(40, 60))[:16]
+    key_id = {key: i for i, key in enumerate(data.item_keys)}
+    used = dict.fromkeys(key for sequence in train + dev for key in sequence)
+    out = root / "corpus"
+    out.mkdir()
+    for name, obj in (("train.json", train), ("dev.json", dev),
+                      ("meta_data.json", {key: data.item_text[key_id[key]] for key in used})):  # fmt: skip
+        (out / name).write_text(json.dumps(obj), encoding="utf-8")
+    assert len(train) == 96 and len(dev) == 16
+    return out
+
+
+def launch(corpus: Path, out: Path, *extra: str, processes: int = 1, launcher: str = "worker") -> list[dict]:
+    """Run a pre-training and return its metrics. launcher: "cli" (pretrain_recformer.py itself; torchrun for
+    several processes), "worker" (the same plus each rank's weights saved), "deepspeed" (the worker under the
+    deepspeed launcher, which appends --local_rank=N)."""
+    script = REPO / "pretrain_recformer.py"
+    if launcher in ("worker", "deepspeed"):
+        out.mkdir(parents=True, exist_ok=True)
+        script = out.parent / f"{out.name}-worker.py"
+        script.write_text(WORKER)
+    args = [str(script), "--data", str(corpus), "--out", str(out), *RUN, *extra]
+    if launcher == "deepspeed":
+        command = [str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", str(processes), *args]
+    elif processes > 1:
+        command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(P.free_port()), *args]  # fmt: skip
+    else:
+        command = [PYTHON, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000] + result.stderr[-2000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(metrics: list[dict]) -> np.ndarray:
+    return np.array([m["loss"] for m in metrics if "loss" in m])
+
+
+def assert_loss_falls(metrics: list[dict]) -> None:
+    values = losses(metrics)
+    assert len(values) >= 20
+    assert values[-5:].mean() < values[:5].mean() - 0.2, values
+
+
+def assert_loads_in_export(checkpoint: Path, dataset: Path, capsys) -> None:
+    """export_embeddings.py reads the directory as is: every tensor found, a finite non-trivial table written."""
+    import export_embeddings
+
+    target = checkpoint.parent / f"{checkpoint.name}.safetensors"
+    capsys.readouterr()
+    export_embeddings.main(export_embeddings.Args(checkpoint=str(checkpoint), data=dataset, out=target))
+    assert "new 0 tensors" in capsys.readouterr().out
+    table = load_file(str(target))["item_embeddings"]
+    assert torch.isfinite(table).all() and table[1:].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def dataset(corpus, tmp_path_factory) -> Path:
+    """The corpus's dev sequences as a dataset directory (export reads datasets)."""
+    from common.data import write_dataset
+
+    meta = json.loads((corpus / "meta_data.json").read_text())
+    dev = json.loads((corpus / "dev.json").read_text())
+    out = tmp_path_factory.mktemp("dataset") / "dev"
+    write_dataset(out, {str(i): sequence for i, sequence in enumerate(dev)}, meta)
+    return out
+
+
+def test_one_process_loss_falls_and_resume_is_exact(corpus, tmp_path):
+    """ZeRO-2, plain python: 24 steps in one go == 9 steps, stop, resume, 15 steps."""
+    whole = launch(corpus, tmp_path / "whole", "--epochs", "1")  # 24 steps
+    assert_loss_falls(whole)
+    launch(corpus, tmp_path / "split", "--epochs", "1", "--max-steps", "9", "--save-every", "4")
+    assert (tmp_path / "split" / "deepspeed" / "latest").read_text() == "step00000009"
+    resumed = launch(corpus, tmp_path / "split", "--epochs", "1", "--resume", "--save-every", "4")
+    assert np.allclose(losses(resumed), losses(whole), atol=1e-5)
+    final_whole = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    final_resumed = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert final_whole.keys() == final_resumed.keys()
+    for name in final_whole:
+        torch.testing.assert_close(final_resumed[name], final_whole[name], atol=1e-6, rtol=0)
+    kept = sorted(p.name for p in (tmp_path / "split" / "deepspeed").glob("step*"))
+    assert kept == ["step00000020", "step00000024"]  # --keep-checkpoints 2
+
+
+@pytest.fixture(scope="module")
+def two_processes(corpus, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """One epoch (24 steps) with ZeRO-2 on two processes started by the deepspeed launcher."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    metrics = launch(corpus, out, "--epochs", "1", "--batch-size", "2", "--zero-stage", "2", processes=2,
+                     launcher="deepspeed")  # fmt: skip
+    return out, metrics
+
+
+def test_two_processes_zero2_loss_falls_and_ranks_agree(two_processes, dataset, capsys):
+    out, metrics = two_processes
+    assert_loss_falls(metrics)
+    rank0 = torch.load(out / "rank0.pt")
+    rank1 = torch.load(out / "rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert final.keys() == rank0.keys()
+    for name in final:
+        torch.testing.assert_close(final[name], rank0[name], atol=1e-6, rtol=0)
+    assert_loads_in_export(out / "final", dataset, capsys)
+
+
+def test_two_process_contrastive_loss_equals_one_process_on_the_whole_batch(two_processes):
+    out, _ = two_processes
+    # One process, the whole batch (no process group here: nothing to gather).
+    torch.manual_seed(0)
+    x_a, x_b, weight = torch.randn(8, 5), torch.randn(8, 5), torch.randn(5, 6, requires_grad=True)
+    loss, correct = P.contrastive_loss(x_a @ weight, x_b @ weight, temp=0.05)
+    loss.backward()
+    # Independent reference for the loss itself, written out with numpy.
+    a, b = (x_a @ weight).detach().numpy(), (x_b @ weight).detach().numpy()
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    logits = a @ b.T / 0.05
+    assert abs(loss.item() - np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits))) < 1e-4
+    for rank in (0, 1):
+        half = torch.load(out / f"contrastive{rank}.pt")
+        torch.testing.assert_close(half["loss"], loss.detach(), atol=1e-6, rtol=0)
+        assert int(half["correct"]) == int(correct)
+        torch.testing.assert_close(half["grad"], weight.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage, processes, launcher", [(0, 1, "cli"), (1, 1, "worker"), (3, 2, "cli")])
+def test_zero_stages_0_1_3_write_checkpoints_export_reads(corpus, dataset, tmp_path, capsys, stage, processes,
+                                                         launcher):
+    """(ZeRO-2 is covered above.) Two steps, evaluated after each, so best/ and final/ both get written."""
+    out = tmp_path / f"zero{stage}"
+    launch(corpus, out, "--epochs", "1", "--max-steps", "2", "--eval-every", "1", "--zero-stage", str(stage),
+           processes=processes, launcher=launcher)  # fmt: skip
+    assert (out / "best" / "model.safetensors").exists()
+    assert_loads_in_export(out / "final", dataset, capsys)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_pairs_follow_the_papers_rule():
+    sequences = P.Sequences(offsets=np.array([0, 2, 7]), items=np.array([5, 6, 1, 2, 3, 4, 9]))
+    rng = np.random.default_rng(0)
+    draws = [rng.random(2) for _ in range(300)]  # one uniform draw per sequence, as an epoch plan gives
+    pairs = [P.sample_pairs(sequences, np.array([0, 1]), d, history=3) for d in draws]
+    side_a = np.concatenate([a for a, _ in pairs])
+    side_b = np.concatenate([b for _, b in pairs])
+    rows = np.tile([0, 1], len(draws))
+    seen = {}
+    for a, b, row in zip(side_a.tolist(), side_b[:, 0].tolist(), rows):
+        seen.setdefault(row, set()).add((tuple(a), b))
+    # length 2: targets at positions 0 or 1; length 5: positions 2, 3 or 4, with the (up to 3) items before.
+    assert seen[0] == {((0, 0, 0), 5), ((0, 0, 5), 6)}
+    assert seen[1] == {((0, 1, 2), 3), ((1, 2, 3), 4), ((2, 3, 4), 9)}
+
+
+def test_bad_corpus_fails_with_one_line_naming_the_file(tmp_path):
+    (tmp_path / "meta_data.json").write_text(json.dumps({"a": {"title": "x"}, "b": {"title": "y"}}))
+    (tmp_path / "train.json").write_text(json.dumps([["a", "b", "c"]]))
+    (tmp_path / "dev.json").write_text(json.dumps([["a", "b"]]))
+    with pytest.raises(P.InputError) as error:
+        P.main(P.Args(data=tmp_path, out=tmp_path / "run"))
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "train.json") in message and "'c'" in message, message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(P.InputError, match="--resume"):
+        P.main(P.Args(data=tmp_path / "corpus", out=tmp_path))
+    with pytest.raises(P.InputError, match="deepspeed/latest"):
+        P.main(P.Args(data=tmp_path / "corpus", out=tmp_path / "elsewhere", resume=True))
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pretrain_recformer.py", "--local_rank=1", "--zero-stage", "3"])
+    assert P.parse_args().zero_stage == 3
