@@ -16,11 +16,28 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements-test.txt
 	touch $@
 
+# The whole pipeline on the built-in synthetic data, small settings (a few minutes on 2 CPU cores).
+SMALL := --hidden-size 64 --lr 1e-3 --sample-size 100
 demo: venv
 	$(PY) prepare_data.py synthetic --out data/synthetic
+	$(PY) prepare_data.py synthetic --out data/synthetic-heldout --users 100 --seed 1
+	$(PY) prepare_data.py pretrain-corpus --from data/synthetic --dev data/synthetic-heldout --train-only --out data/corpus
+	rm -rf runs/demo
+	$(VENV)/bin/deepspeed --num_gpus 1 pretrain_recformer.py --data data/corpus --backbone tiny --out runs/demo/pretrain \
+	  --zero-stage 2 --batch-size 8 --grad-accum 1 --lr 1e-3 --warmup-steps 5 --epochs 1 --max-steps 40 --eval-every 20
+	$(PY) finetune_recformer.py --backbone runs/demo/pretrain/best --out runs/demo/recformer \
+	  --epochs 2 --grad-accum 1 --lr 1e-3 --warmup-steps 10 --sample-size 100
+	$(PY) export_embeddings.py --checkpoint runs/demo/recformer/stage1
+	$(PY) train_sasrec.py --init-type none --out runs/demo/sasrec $(SMALL) --dropout 0.2 --epochs 20
+	$(PY) train_sasrec.py --init-type plm --out runs/demo/sasrec-plm $(SMALL) --dropout 0.2 --epochs 20
+	$(PY) train_bert4rec.py --init-type none --out runs/demo/bert4rec $(SMALL) --batch-size 64 --epochs 20
+	$(PY) train_bert4rec.py --init-type plm --out runs/demo/bert4rec-plm $(SMALL) --batch-size 64 --epochs 20
+	@echo "Test metrics on data/synthetic, 100 sampled negatives per user:"
+	@$(PY) -m common.report Recformer=runs/demo/recformer SASRec=runs/demo/sasrec SASRec+PLM=runs/demo/sasrec-plm \
+	  BERT4Rec=runs/demo/bert4rec BERT4Rec+PLM=runs/demo/bert4rec-plm
 
 test: venv
 	RECSYS_QUIET=1 $(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) data/synthetic runs
+	rm -rf $(VENV) data/synthetic data/synthetic-heldout data/corpus runs
