@@ -42,19 +42,27 @@ from common.embeddings import EmbeddingFileError, load_item_embeddings, save_ite
 from common.evaluation import evaluate
 from common.recformer import (
     BackboneError,
-    RecformerForSeqRec,
     ItemTokens,
+    RecformerForSeqRec,
     RecformerTokenizer,
     build_batch,
     dataset_item_tokens,
     encode_items,
     item_texts,
     load_backbone,
+    parameter_groups,
     save_checkpoint,
     to_device,
 )
-from common.run import EarlyStopping, append_jsonl, create_run_dir, progress, resolve_device, seed_everything
-from common.run import write_json_atomic
+from common.run import (
+    EarlyStopping,
+    append_jsonl,
+    create_run_dir,
+    progress,
+    resolve_device,
+    seed_everything,
+    write_json_atomic,
+)
 
 BEST_METRIC = "NDCG@10"
 TABLE_FILE = "item_table.safetensors"
@@ -112,16 +120,12 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int):
     """AdamW without decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 at total_steps."""
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for name, p in trainable if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name]
-    decay = [p for name, p in trainable if not any(p is q for q in no_decay)]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
 
     def factor(step: int) -> float:
         if step < args.warmup_steps:
             return step / max(1, args.warmup_steps)
-        return max(0.0, 1.0 - step / max(1, total_steps))
+        return max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

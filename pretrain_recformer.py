@@ -41,13 +41,14 @@ from deepspeed.utils import safe_get_full_fp32_param
 from common.masking import whole_word_mask
 from common.recformer import (
     NAME_TYPE,
-    BackboneError,
     VALUE_TYPE,
+    BackboneError,
     ItemTokens,
     RecformerForPretraining,
     build_batch,
     cached_item_tokens,
     load_backbone,
+    parameter_groups,
     save_checkpoint,
     to_device,
 )
@@ -412,15 +413,6 @@ def deepspeed_config(args: Args, world: int, total_steps: int) -> dict:
         "fp16": {"enabled": args.fp16},
         "steps_per_print": 2**31 - 1,
     }
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters, with no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def item_tokens(tokenizer, corpus: Corpus, rank: int) -> ItemTokens:
