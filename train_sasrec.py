@@ -182,11 +182,7 @@ def training_history_keys(data: SeqDataset) -> torch.Tensor:
 
     A flat sorted array costs one integer per interaction (a users x items bitmap would not fit large catalogues).
     """
-    lengths = data.train_len
-    rows = np.repeat(np.arange(data.num_users), lengths)
-    position_in_row = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    items = data.items[np.repeat(data.offsets[:-1], lengths) + position_in_row]
-    keys = np.unique(rows * (data.num_items + 1) + items)
+    keys = data.user_item_keys(data.train_len)
     distinct_per_row = np.bincount(keys // (data.num_items + 1), minlength=data.num_users)
     if (distinct_per_row >= data.num_items).any():
         user = data.user_keys[int(np.argmax(distinct_per_row >= data.num_items))]

@@ -95,6 +95,21 @@ class SeqDataset:
         valid = positions >= starts[:, None]
         return np.where(valid, self.items[np.where(valid, positions, 0)], PAD)
 
+    def prefix_items(self, rows: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each entry, item) for the first ends[i] items of each row in `rows`, flat, in row order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        entry_rows = np.repeat(np.arange(len(rows)), ends)
+        position_in_row = np.arange(ends.sum()) - np.repeat(np.cumsum(ends) - ends, ends)
+        return entry_rows, self.items[self.offsets[rows][entry_rows] + position_in_row]
+
+    def user_item_keys(self, ends: np.ndarray | None = None) -> np.ndarray:
+        """Sorted unique keys row * (num_items + 1) + item of the first ends[row] items of every user (the whole
+        sequence when None): membership tests by binary search at one integer per interaction."""
+        ends = np.diff(self.offsets) if ends is None else ends
+        rows, items = self.prefix_items(np.arange(self.num_users), ends)
+        return np.unique(rows * (self.num_items + 1) + items)
+
     def train_matrix(self, length: int) -> np.ndarray:
         """(num_users, length) left-padded training parts."""
         return self.left_padded(np.arange(self.num_users), self.train_len, length)

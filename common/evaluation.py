@@ -29,10 +29,10 @@ def seen_item_mask(data: SeqDataset, rows: np.ndarray, ends: np.ndarray | None =
     """(len(rows), num_items + 1) bool: True for padding and for the items before position `ends` of each row's
     sequence (the whole sequence when `ends` is None)."""
     rows = np.asarray(rows, dtype=np.int64)
-    lengths = data.offsets[rows + 1] - data.offsets[rows] if ends is None else np.asarray(ends, dtype=np.int64)
-    positions = np.repeat(data.offsets[rows] - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+    ends = data.offsets[rows + 1] - data.offsets[rows] if ends is None else ends
+    entry_rows, items = data.prefix_items(rows, ends)
     mask = torch.zeros(len(rows), data.num_items + 1, dtype=torch.bool)
-    mask[torch.from_numpy(np.repeat(np.arange(len(rows)), lengths)), torch.from_numpy(data.items[positions])] = True
+    mask[torch.from_numpy(entry_rows), torch.from_numpy(items)] = True
     mask[:, PAD] = True
     return mask
 
@@ -49,15 +49,18 @@ def sample_negatives(data: SeqDataset, sample_size: int, seed: int = NEGATIVE_SE
             return negatives
     negatives = _draw_unseen_items(data, sample_size, np.random.default_rng(seed))
     cache.parent.mkdir(exist_ok=True)
-    save_atomic(cache, lambda tmp: np.save(open(tmp, "wb"), negatives))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, because np.save would append ".npy" to the temporary name
+            np.save(f, negatives)
+
+    save_atomic(cache, write)
     return negatives
 
 
 def _draw_unseen_items(data: SeqDataset, n: int, rng: np.random.Generator) -> np.ndarray:
     """Rejection sampling, vectorized over users: the first n distinct unseen items of an i.i.d. uniform stream
     form a uniform sample without replacement. Rows that run short are redrawn with a longer stream."""
-    rows = np.repeat(np.arange(data.num_users), np.diff(data.offsets))
-    seen_keys = np.unique(rows * (data.num_items + 1) + data.items)  # sorted (user, item) pairs
+    seen_keys = data.user_item_keys()
     distinct_seen = np.bincount(seen_keys // (data.num_items + 1), minlength=data.num_users)
     short = np.flatnonzero(data.num_items - distinct_seen < n)
     if len(short):
