@@ -244,7 +244,8 @@ def main(args: Args) -> dict[str, float]:
     def train_epoch(epoch: int) -> float:
         order = torch.randperm(len(sequences), device=device)
         total, steps = torch.zeros((), device=device), 0
-        for batch in progress(order.split(args.batch_size), desc=f"epoch {epoch}", leave=False):
+        bar = progress(order.split(args.batch_size), desc=f"epoch {epoch}", leave=False)
+        for batch in bar:
             with autocast(device, args.dtype):
                 loss = batch_loss(model, encode, sequences[batch], args)
             if loss is None:
@@ -254,6 +255,8 @@ def main(args: Args) -> dict[str, float]:
             optimizer.step()
             total += loss.detach()
             steps += 1
+            if steps % 10 == 0:  # reading the loss waits for the device, so not every step
+                bar.set_postfix(loss=f"{float(total) / steps:.4f}")
         return float(total) / max(1, steps)
 
     scorer = make_scorer(model, encode, args, device)

@@ -294,7 +294,8 @@ def main(args: Args) -> dict[str, float]:
         order = torch.randperm(len(users), device=device)
         total = torch.zeros((), device=device)
         batches = order.split(args.batch_size)
-        for batch in progress(batches, desc=f"epoch {epoch}", leave=False):
+        bar = progress(batches, desc=f"epoch {epoch}", leave=False)
+        for step, batch in enumerate(bar, start=1):
             with autocast(device, args.dtype):
                 loss = batch_loss(
                     model, encode, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
@@ -303,6 +304,8 @@ def main(args: Args) -> dict[str, float]:
             loss.backward()
             optimizer.step()
             total += loss.detach()
+            if step % 10 == 0:  # reading the loss waits for the device, so not every step
+                bar.set_postfix(loss=f"{float(total) / step:.4f}")
         return float(total) / len(batches)
 
     scorer = make_scorer(model, encode, args, device)
