@@ -35,7 +35,7 @@ from einops import rearrange
 from torch import nn
 
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
-from common.embeddings import EmbeddingFileError, default_embeddings_path, initial_item_table
+from common.embeddings import EmbeddingFileError, plm_init
 from common.evaluation import Scorer, evaluate
 from common.run import autocast, create_run_dir, progress, resolve_device, seed_everything
 from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions, train_with_early_stopping
@@ -268,11 +268,8 @@ def main(args: Args) -> dict[str, float]:
         data = load_dataset(args.data)
         users, inputs, targets = next_item_pairs(data, args.max_len)
         history_keys = training_history_keys(data).to(device) if loss_name == "bce" else None
-        table = None
-        if args.init_type == "plm":
-            path = args.embeddings or default_embeddings_path(args.data)
-            table = initial_item_table(path, data, args.hidden_size, args.project)
-        args = dataclasses.replace(args, hidden_size=table.shape[1] if table is not None else args.hidden_size or 768)
+        table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
+        args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
             raise SystemExit(f"error: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")
         model = SASRec(data.num_items, args)

@@ -18,6 +18,7 @@ from common.data import SeqDataset
 from common.run import save_atomic
 
 TENSOR_NAME = "item_embeddings"
+PAPER_HIDDEN_SIZE = 768
 
 
 class EmbeddingFileError(ValueError):
@@ -128,3 +129,15 @@ def initial_item_table(path: Path, data: SeqDataset, hidden_size: int | None, pr
             "pass --project pca to reduce them"
         )
     return table
+
+
+def plm_init(
+    data: SeqDataset, init_type: str, embeddings: Path | None, hidden_size: int | None, project: str
+) -> tuple[torch.Tensor | None, int]:
+    """(initial item table or None, model width) from the recommenders' --init-type, --embeddings, --hidden-size
+    and --project: "plm" reads the file (default <data>/embeddings/plm.safetensors) and the width is the table's;
+    "none" has no table and the width is --hidden-size, else the paper's 768."""
+    if init_type != "plm":
+        return None, hidden_size or PAPER_HIDDEN_SIZE
+    table = initial_item_table(embeddings or default_embeddings_path(data.path), data, hidden_size, project)
+    return table, table.shape[1]
