@@ -24,7 +24,7 @@ demo: venv
 	$(PY) prepare_data.py pretrain-corpus --from data/synthetic --dev data/synthetic-heldout --train-only --out data/corpus
 	rm -rf runs/demo
 	$(VENV)/bin/deepspeed --num_gpus 1 pretrain_recformer.py --data data/corpus --backbone tiny --out runs/demo/pretrain \
-	  --zero-stage 2 --batch-size 8 --grad-accum 1 --lr 1e-3 --warmup-steps 5 --epochs 1 --max-steps 40 --eval-every 20
+	  --zero-stage 2 --batch-size 16 --grad-accum 1 --lr 2e-3 --warmup-steps 10 --epochs 2 --max-steps 150 --eval-every 50
 	$(PY) finetune_recformer.py --backbone runs/demo/pretrain/best --out runs/demo/recformer \
 	  --epochs 2 --grad-accum 1 --lr 1e-3 --warmup-steps 10 --sample-size 100
 	$(PY) export_embeddings.py --checkpoint runs/demo/recformer/stage1
