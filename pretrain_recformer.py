@@ -268,15 +268,18 @@ def masked_side_inputs(
     return to_device(clean, device), to_device(dict(clean, input_ids=mlm_ids, mlm_labels=labels), device)
 
 
-def train_step(engine, inputs: tuple, temp: float, mlm_weight: float, world: int) -> tuple[float, float, int]:
-    """One micro-batch forward and backward (DeepSpeed steps the optimizer at accumulation boundaries)."""
+def train_step(engine, inputs: tuple, temp: float, mlm_weight: float, world: int) -> torch.Tensor:
+    """One micro-batch forward and backward (DeepSpeed steps the optimizer at accumulation boundaries).
+
+    Returns (contrastive loss, mlm loss, correct pairs) as one tensor on the device: reading them on the host every
+    micro-batch would stall the device queue."""
     pooled_a, pooled_b, mlm = engine(*inputs)
     contrastive, correct = contrastive_loss(pooled_a, pooled_b, temp)
     # Scaled by the world size so that N processes step exactly as one process on the whole global batch: each
     # rank's gradient reaches only its own rows, and DeepSpeed averages (not sums) gradients across ranks.
     engine.backward(world * contrastive + mlm_weight * mlm)
     engine.step()
-    return contrastive.item(), mlm.item(), int(correct)
+    return torch.stack([contrastive.detach(), mlm.detach(), correct]).double()
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -520,7 +523,9 @@ def log_window(run: Run, engine, step: int, micro_step: int, window: torch.Tenso
 def train(run: Run, engine, state: dict) -> None:
     """Optimizer steps from where `state` stands to run.stop_step: log, evaluate, keep the best, checkpoint."""
     args = run.args
-    window = torch.zeros(5, dtype=torch.float64)  # contrastive, mlm, correct pairs, micro-batches, tokens
+    # contrastive, mlm, correct pairs, micro-batches, tokens; on the device, so no micro-batch waits for a host read
+    # and the all-reduce in log_window works under NCCL too
+    window = torch.zeros(5, dtype=torch.float64, device=run.device)
     planned_epoch, plan = -1, None
     began = time.perf_counter()
     first_step = state["micro_step"] // args.grad_accum + 1
@@ -533,9 +538,9 @@ def train(run: Run, engine, state: dict) -> None:
                 plan, planned_epoch = epoch_plan(args.seed, epoch, len(run.corpus.train)), epoch
             inputs = micro_batch_inputs(run, micro, plan)
             torch.manual_seed(step_seed(args.seed, run.rank, micro))  # dropout
-            contrastive, mlm, correct = train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
-            tokens = sum(inputs[i]["attention_mask"].sum().item() for i in range(4))
-            window += torch.tensor([contrastive, mlm, correct, 1, tokens], dtype=torch.float64)
+            window[:3] += train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
+            window[3] += 1
+            window[4] += sum(side["attention_mask"].sum() for side in inputs)
             state["micro_step"] += 1
         if step % args.log_every == 0 or step == run.stop_step:
             log_window(run, engine, step, state["micro_step"], window, time.perf_counter() - began)
