@@ -18,7 +18,6 @@ A run is deterministic for a given seed and number of processes: data order, pai
 seeds derived from (seed, epoch or step, rank), so --resume reproduces the uninterrupted run.
 """
 
-import json
 import os
 import re
 import resource
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 import tyro
 from deepspeed.utils import safe_get_full_fp32_param
 
+from common.data import DatasetError, item_attributes, read_json
 from common.masking import whole_word_mask
 from common.recformer import (
     NAME_TYPE,
@@ -139,29 +139,16 @@ class Corpus:
     dev: Sequences
 
 
-def read_json(path: Path, kind: type):
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: invalid JSON ({error})") from None
-    if not isinstance(value, kind):
-        raise InputError(f"{path}: expected a JSON {kind.__name__} at top level")
-    return value
-
-
 def read_sequences(path: Path, item_id: dict[str, int]) -> Sequences:
     """A list of item-key lists -> Sequences; every key must be in meta_data.json, every sequence hold 2+ items."""
     raw = read_json(path, list)
     for number, sequence in enumerate(raw):
         if not isinstance(sequence, list) or len(sequence) < 2:
-            raise InputError(f"{path}: sequence {number} is not a list of at least 2 item keys")
+            raise DatasetError(f"{path}: sequence {number} is not a list of at least 2 item keys")
     try:
         items = np.fromiter((item_id[key] for sequence in raw for key in sequence), dtype=np.int64)
     except (KeyError, TypeError) as error:
-        raise InputError(f"{path}: item {error} has no entry in meta_data.json") from None
+        raise DatasetError(f"{path}: item {error} has no entry in meta_data.json") from None
     lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
     return Sequences(np.concatenate([[0], np.cumsum(lengths)]), items)
 
@@ -171,11 +158,7 @@ def load_corpus(path: Path) -> Corpus:
     path = Path(path)
     meta = read_json(path / "meta_data.json", dict)
     item_keys = ["", *meta]
-    item_text = [{}]
-    for key in meta:
-        if not isinstance(meta[key], dict):
-            raise InputError(f"{path / 'meta_data.json'}: entry of item {key!r} is not an object of attributes")
-        item_text.append({str(name): "" if value is None else str(value) for name, value in meta[key].items()})
+    item_text = [{}, *(item_attributes(path / "meta_data.json", key, meta[key]) for key in meta)]
     item_id = {key: i for i, key in enumerate(item_keys) if i}
     train, dev = (read_sequences(path / name, item_id) for name in ("train.json", "dev.json"))
     return Corpus(path, item_keys, item_text, train, dev)
@@ -614,5 +597,5 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (InputError, BackboneError) as error:
+    except (InputError, DatasetError, BackboneError) as error:
         raise SystemExit(f"error: {error}") from None

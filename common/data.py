@@ -139,8 +139,10 @@ def _reject_duplicate_keys(pairs):
     return dict(pairs)
 
 
-def _read_json_object(path: Path) -> dict:
-    """A json object, rejecting duplicate keys (json.load would silently keep the last one)."""
+def read_json(path: Path, kind: type = dict):
+    """A JSON file whose top level is a `kind` (dict or list), rejecting duplicate keys (json.load would silently
+    keep the last one); every problem is a one-line DatasetError naming the file."""
+    path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: file not found")
     try:
@@ -150,13 +152,20 @@ def _read_json_object(path: Path) -> dict:
         raise DatasetError(f"{path}: {error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: invalid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: expected a JSON object at top level")
+    if not isinstance(data, kind):
+        raise DatasetError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__} at top level")
     return data
 
 
+def item_attributes(meta_path: Path, key: str, attributes) -> dict[str, str]:
+    """One meta_data.json entry as {attribute name: text} in file order (null text becomes "")."""
+    if not isinstance(attributes, dict):
+        raise DatasetError(f"{meta_path}: entry of item {key!r} is not an object of attributes")
+    return {str(name): "" if value is None else str(value) for name, value in attributes.items()}
+
+
 def _id_map(path: Path) -> dict[str, int]:
-    mapping = _read_json_object(path)
+    mapping = read_json(path)
     for key, value in mapping.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise DatasetError(f"{path}: id of {key!r} is {value!r}, not an integer")
@@ -167,7 +176,7 @@ def _id_map(path: Path) -> dict[str, int]:
 
 
 def _split_lists(path: Path) -> dict[int, list[int]]:
-    raw = _read_json_object(path)
+    raw = read_json(path)
     split = {}
     for user, sequence in raw.items():
         if not isinstance(sequence, list) or not all(isinstance(i, int) for i in sequence):
@@ -260,15 +269,12 @@ def _load_item_text(path: Path, item_keys: list[str]) -> list[dict[str, str]] | 
     meta_path = path / "meta_data.json"
     if not meta_path.exists():
         return None
-    meta = _read_json_object(meta_path)
+    meta = read_json(meta_path)
     item_text: list[dict[str, str]] = [{}]
     for key in item_keys[1:]:
         if key not in meta:
             raise DatasetError(f"{meta_path}: item {key!r} from smap.json has no entry")
-        attributes = meta[key]
-        if not isinstance(attributes, dict):
-            raise DatasetError(f"{meta_path}: entry of item {key!r} is not an object of attributes")
-        item_text.append({name: "" if value is None else str(value) for name, value in attributes.items()})
+        item_text.append(item_attributes(meta_path, key, meta[key]))
     return item_text
 
 

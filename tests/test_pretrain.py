@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO, SHARED_DATA
 
 import pretrain_recformer as P
+from common.data import DatasetError
 
 PYTHON = sys.executable
 WINDOW = 4  # items per corpus sequence: short sequences keep every encoder pass cheap
@@ -235,7 +236,7 @@ def test_bad_corpus_fails_with_one_line_naming_the_file(tmp_path):
     (tmp_path / "meta_data.json").write_text(json.dumps({"a": {"title": "x"}, "b": {"title": "y"}}))
     (tmp_path / "train.json").write_text(json.dumps([["a", "b", "c"]]))
     (tmp_path / "dev.json").write_text(json.dumps([["a", "b"]]))
-    with pytest.raises(P.InputError) as error:
+    with pytest.raises(DatasetError) as error:
         P.main(P.Args(data=tmp_path, out=tmp_path / "run"))
     message = str(error.value)
     assert "\n" not in message and str(tmp_path / "train.json") in message and "'c'" in message, message
