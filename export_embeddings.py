@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 import tyro
 
 from common.data import DatasetError, load_dataset
 from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
 from common.recformer import BackboneError, RecformerModel, dataset_item_tokens, encode_items, item_texts, load_backbone
-from common.run import resolve_device, seed_everything
+from common.run import precision, resolve_device, seed_everything
 
 
 @dataclass
@@ -63,7 +62,7 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {error}") from None
     encoder.to(device)
     began = time.time()
-    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    dtype = precision(args.dtype, device)
     table = encode_items(encoder, tokens, batch_size=args.batch_size, device=device, autocast_dtype=dtype)
     seconds = time.time() - began
     save_item_embeddings(out, table, data, args.checkpoint)

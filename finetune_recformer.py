@@ -58,6 +58,7 @@ from common.run import (
     EarlyStopping,
     append_jsonl,
     create_run_dir,
+    precision,
     progress,
     resolve_device,
     seed_everything,
@@ -111,13 +112,6 @@ class Args:
     """Autocast precision; "auto" is bfloat16 on CUDA with bf16 support, else float32. float16 uses loss scaling."""
 
 
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else None
-    return None if name == "float32" else getattr(torch, name)
-
-
 def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int):
     """AdamW without decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 at total_steps."""
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
@@ -148,7 +142,7 @@ class Trainer:
     def __init__(self, args: Args, data: SeqDataset, model: RecformerForSeqRec, tokenizer: RecformerTokenizer):
         self.args, self.data, self.model, self.tokenizer = args, data, model, tokenizer
         self.device = resolve_device(args.device)
-        self.dtype = autocast_dtype(args.dtype, self.device)
+        self.dtype = precision(args.dtype, self.device)
         self.tokens: ItemTokens = dataset_item_tokens(tokenizer, data)
         self.max_items = model.config.max_item_embeddings - 1
         self.rng = np.random.default_rng(args.seed)

@@ -33,11 +33,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a --dtype flag asks for, or None for plain float32.
+
+    "auto" is bfloat16 on a CUDA device that supports it, else float32; other names are torch dtypes.
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return None if name == "float32" else getattr(torch, name)
+
+
 def autocast(device: torch.device, dtype: str):
-    """Mixed-precision context for `dtype` in {"float32", "bfloat16", "float16"}; float32 means no autocast."""
-    if dtype == "float32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+    """Mixed-precision context for a --dtype name (see `precision`); float32 means no autocast."""
+    resolved = precision(dtype, device)
+    return torch.autocast(device.type, dtype=resolved, enabled=resolved is not None)
 
 
 def _jsonable(value):
