@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.run import save_atomic
 
 PAD = 0
 SPLIT_FILES = ("train.json", "val.json", "test.json")
@@ -303,25 +303,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 def replace_dir_atomically(build, out: Path) -> None:
-    """Call build(tmp_dir), then move tmp_dir onto `out` so readers never see a half-written directory.
+    """Call build(tmp_dir) on a new empty directory, then swap it onto `out` (common.run.save_atomic), so readers
+    never see a half-written directory and an error or a kill never loses the previous `out`."""
 
-    On any error the temporary directory is removed and an existing `out` is left untouched.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         build(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    save_atomic(Path(out), write)
 
 
 def write_dataset(
