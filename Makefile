@@ -21,7 +21,7 @@ SMALL := --hidden-size 64 --lr 1e-3 --sample-size 100
 demo: venv
 	$(PY) prepare_data.py synthetic --out data/synthetic
 	$(PY) prepare_data.py synthetic --out data/synthetic-heldout --users 100 --seed 1
-	$(PY) prepare_data.py pretrain-corpus --from data/synthetic --dev data/synthetic-heldout --train-only --out data/corpus
+	$(PY) prepare_data.py pretrain-corpus --from data/synthetic --dev data/synthetic-heldout --out data/corpus
 	rm -rf runs/demo
 	$(VENV)/bin/deepspeed --num_gpus 1 pretrain_recformer.py --data data/corpus --backbone tiny --out runs/demo/pretrain \
 	  --zero-stage 2 --batch-size 16 --grad-accum 1 --lr 2e-3 --warmup-steps 10 --epochs 2 --max-steps 150 --eval-every 50

@@ -32,7 +32,16 @@ from typing import Annotated, Union
 import numpy as np
 import tyro
 
-from common.data import PAD, DatasetError, SeqDataset, has_text, load_dataset, replace_dir_atomically, write_dataset
+from common.data import (
+    PAD,
+    DatasetError,
+    SeqDataset,
+    check_replaceable,
+    has_text,
+    load_dataset,
+    replace_dir_atomically,
+    write_dataset,
+)
 from common.run import progress
 
 Sequences = dict[str, list[str]]
@@ -52,6 +61,8 @@ class Synthetic:
 
     out: Path = Path("data/synthetic")
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
     users: int = 2000
     """number of users"""
     items: int = 500
@@ -67,6 +78,8 @@ class Amazon:
 
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
     reviews: Path | None = None
     """5-core reviews, e.g. Industrial_and_Scientific_5.json.gz (json lines: reviewerID, asin, unixReviewTime)"""
     meta: Path | None = None
@@ -90,6 +103,8 @@ class Recformer:
     """source dataset directory (train/val/test/smap/umap json, optional meta_data.json)"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -104,6 +119,8 @@ class Lcrec:
     """item text, e.g. Scientific.item.json"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -119,6 +136,8 @@ class Unisrec:
     """dataset name N (file prefix), e.g. Scientific"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -133,6 +152,8 @@ class Recbole:
     """dataset name N (file prefix), e.g. ml-100k"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -148,8 +169,11 @@ class PretrainCorpus:
     """dataset directory whose sequences form dev.json (keep it disjoint from --from)"""
     out: Path
     """output corpus directory"""
-    train_only: bool = False
-    """take only each user's training part (no val/test targets): use it when you will fine-tune on a source"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
+    include_eval_targets: bool = False
+    """also take each user's validation and test targets (by default only training parts, so that a model
+    fine-tuned and evaluated on a source dataset never pre-trained on its evaluation targets)"""
 
 
 Command = Union[
@@ -607,9 +631,9 @@ def corpus_sequences(data: SeqDataset, train_only: bool) -> tuple[list[list[str]
     return sequences, meta, {"items": int((~with_text[1:]).sum()), "sequences": dropped_sequences}
 
 
-def write_corpus(out: Path, train: list[list[str]], dev: list[list[str]], meta: ItemMeta) -> None:
+def write_corpus(out: Path, train: list[list[str]], dev: list[list[str]], meta: ItemMeta, stats: dict) -> None:
     def build(tmp: Path) -> None:
-        for name, obj in (("train.json", train), ("dev.json", dev), ("meta_data.json", meta)):
+        for name, obj in (("train.json", train), ("dev.json", dev), ("meta_data.json", meta), ("stats.json", stats)):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 json.dump(obj, f, ensure_ascii=False)
 
@@ -641,19 +665,21 @@ def build_pretrain_corpus(args: PretrainCorpus) -> dict:
     repeated = next((name for name in names if names.count(name) > 1), None)
     if repeated is not None:
         raise DatasetError(f"{repeated}: two --from/--dev directories share this name, so their keys would collide")
-    train, train_meta, train_items, train_sequences = _corpus_part(sources, args.train_only)
-    dev, dev_meta, dev_items, dev_sequences = _corpus_part([dev_dir], args.train_only)
+    train_only = not args.include_eval_targets
+    train, train_meta, train_items, train_sequences = _corpus_part(sources, train_only)
+    dev, dev_meta, dev_items, dev_sequences = _corpus_part([dev_dir], train_only)
     if not train or not dev:
         raise DatasetError(f"{args.out}: the {'training' if not train else 'dev'} part of the corpus is empty")
     meta = train_meta | dev_meta
-    write_corpus(args.out, train, dev, meta)
-    return {
+    stats = {
         "train_sequences": len(train),
         "dev_sequences": len(dev),
         "items": len(meta),
         "dropped_items_without_text": train_items + dev_items,
         "dropped_short_sequences": train_sequences + dev_sequences,
     }
+    write_corpus(args.out, train, dev, meta, stats)
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -671,6 +697,7 @@ DATASET_BUILDERS = {
 
 def run(args: Command) -> dict:
     """Build what `args` asks for, write it atomically under args.out, print and return its stats."""
+    check_replaceable(args.out, args.overwrite)
     if isinstance(args, PretrainCorpus):
         stats = build_pretrain_corpus(args)
     elif isinstance(args, Recformer):

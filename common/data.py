@@ -25,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.run import save_atomic
+from common.run import file_on_the_way, save_atomic
 
 PAD = 0
 SPLIT_FILES = ("train.json", "val.json", "test.json")
+DATASET_FILES = (*SPLIT_FILES, "smap.json", "umap.json", "stats.json")
+CORPUS_FILES = ("train.json", "dev.json", "meta_data.json", "stats.json")
+CACHE_DIRS = ("negatives", "recformer_tokens")  # what the stages add to a dataset; rebuilt when missing
 
 
 class DatasetError(ValueError):
@@ -311,6 +314,27 @@ def replace_dir_atomically(build, out: Path) -> None:
         build(tmp)
 
     save_atomic(Path(out), write)
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output directory prepare_data.py may not replace: a file, a path under a file,
+    or (unless `overwrite`) a non-empty directory that is not a dataset or corpus this tool wrote. Ours means: its
+    stats.json and layout files are there, and nothing else but optional meta_data.json and the stages' caches
+    (an exported embedding table inside is the user's work, so it needs --overwrite too)."""
+    out = Path(out)
+    blocker = file_on_the_way(out)
+    if blocker is not None:
+        raise DatasetError(f"{out}: cannot be a dataset directory, {blocker} is a file")
+    if overwrite or not out.is_dir():
+        return
+    names = {entry.name for entry in out.iterdir()}
+    ours = {*DATASET_FILES, *CORPUS_FILES, *CACHE_DIRS}
+    if names and not (names <= ours and (set(DATASET_FILES) <= names or set(CORPUS_FILES) <= names)):
+        foreign = sorted(names - ours) or ["no stats.json"]
+        raise DatasetError(
+            f"{out}: not a dataset written by prepare_data.py ({', '.join(foreign[:3])}); "
+            "pass --overwrite to replace it with everything in it"
+        )
 
 
 def write_dataset(

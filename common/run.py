@@ -173,7 +173,7 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(_jsonable(record)) + "\n")
 
 
-def _file_on_the_way(path: Path) -> Path | None:
+def file_on_the_way(path: Path) -> Path | None:
     """`path` itself or its nearest existing ancestor when that is not a directory (nothing can be created there)."""
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -184,7 +184,7 @@ def _file_on_the_way(path: Path) -> Path | None:
 def check_output_file(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output file path that holds a file (unless `overwrite`) or cannot hold one."""
     path = Path(path)
-    blocker = _file_on_the_way(path.parent)
+    blocker = file_on_the_way(path.parent)
     if blocker is not None:
         raise OutputError(f"{path}: cannot be created, {blocker} is a file")
     if path.is_dir():
@@ -199,7 +199,7 @@ def check_run_dir(out: Path | None, overwrite: bool) -> None:
     if out is None:
         return
     out = Path(out)
-    blocker = _file_on_the_way(out)
+    blocker = file_on_the_way(out)
     if blocker is not None:
         raise OutputError(f"{out}: cannot be a run directory, {blocker} is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
