@@ -20,8 +20,7 @@ from __future__ import annotations
 import gzip
 import html
 import json
-import os
-import tempfile
+import math
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from common.data import (
     replace_dir_atomically,
     write_dataset,
 )
-from common.run import progress
+from common.run import progress, save_atomic
 
 Sequences = dict[str, list[str]]
 ItemMeta = dict[str, dict[str, str]]
@@ -323,9 +322,14 @@ def _field(path: Path, number: int, record: dict, name: str):
 
 def _timestamp(path: Path, number: int, value) -> float:
     try:
-        return float(value)
+        if isinstance(value, bool):
+            raise TypeError(value)
+        seconds = float(value)
     except (TypeError, ValueError):
         raise DatasetError(f"{path}:{number}: timestamp {value!r} is not a number") from None
+    if not math.isfinite(seconds):  # NaN compares false with everything and would scramble the time order
+        raise DatasetError(f"{path}:{number}: timestamp {value!r} is not a finite number")
+    return seconds
 
 
 def _read_json(path: Path):
@@ -349,21 +353,19 @@ def download(url: str, path: Path) -> Path:
     """Fetch `url` into `path` via a temporary file in the same directory, so `path` is either whole or absent."""
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(descriptor, "wb") as f, urllib.request.urlopen(url) as response:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
             with progress(None, total=size, desc=path.name, unit="B", unit_scale=True) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-        tmp.rename(path)
+
+    try:
+        save_atomic(path, write)
     except OSError as error:  # URLError and HTTPError are OSErrors
         raise DatasetError(f"{url}: download failed ({error})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -81,6 +81,17 @@ class SeqDataset:
         digest = hashlib.sha256("\n".join(self.item_keys[1:]).encode("utf-8"))
         return digest.hexdigest()[:16]
 
+    @property
+    def content_fingerprint(self) -> str:
+        """Hash of the item and user keys, every sequence and its split: caches derived from the interactions
+        (evaluation negatives) are valid only for the dataset with the same content fingerprint."""
+        digest = hashlib.sha256()
+        for part in ("\n".join(self.item_keys), "\n".join(self.user_keys)):
+            digest.update(part.encode("utf-8") + b"\0")
+        for array in (self.offsets, self.items, self.train_len, self.has_val, self.has_test):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
+
     def sequence(self, row: int) -> np.ndarray:
         """The full sequence (train + val + test) of user row `row`."""
         return self.items[self.offsets[row] : self.offsets[row + 1]]
@@ -167,10 +178,14 @@ def item_attributes(meta_path: Path, key: str, attributes) -> dict[str, str]:
     return {str(name): "" if value is None else str(value) for name, value in attributes.items()}
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _id_map(path: Path) -> dict[str, int]:
     mapping = read_json(path)
     for key, value in mapping.items():
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not _is_integer(value):
             raise DatasetError(f"{path}: id of {key!r} is {value!r}, not an integer")
     ids = sorted(mapping.values())
     if len(set(ids)) != len(ids):
@@ -182,8 +197,11 @@ def _split_lists(path: Path) -> dict[int, list[int]]:
     raw = read_json(path)
     split = {}
     for user, sequence in raw.items():
-        if not isinstance(sequence, list) or not all(isinstance(i, int) for i in sequence):
+        if not isinstance(sequence, list):
             raise DatasetError(f"{path}: user {user!r} does not map to a list of integer item ids")
+        bad = next((i for i in sequence if not _is_integer(i)), None)
+        if bad is not None:  # JSON true/false would pass isinstance(i, int) as 1/0
+            raise DatasetError(f"{path}: user {user!r} has item id {json.dumps(bad)}, not an integer")
         if not sequence:
             raise DatasetError(f"{path}: user {user!r} has an empty sequence")
         try:
@@ -195,8 +213,12 @@ def _split_lists(path: Path) -> dict[int, list[int]]:
 
 def _check_item_range(path: Path, split: dict[int, list[int]], low: int, high: int) -> None:
     """Every item id in `split` lies in [low, high]; vectorized, the offending user is looked up only on failure."""
-    flat = np.fromiter((i for sequence in split.values() for i in sequence), dtype=np.int64)
-    if flat.size and (flat.min() < low or flat.max() > high):
+    try:
+        flat = np.fromiter((i for sequence in split.values() for i in sequence), dtype=np.int64)
+        in_range = not flat.size or (flat.min() >= low and flat.max() <= high)
+    except OverflowError:  # an id beyond int64, e.g. 10**30
+        in_range = False
+    if not in_range:
         user, item = next((u, i) for u, seq in split.items() for i in seq if not low <= i <= high)
         raise DatasetError(f"{path}: user {user} has item id {item} that is not in smap.json")
 
@@ -224,6 +246,8 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
         item_keys[item + shift] = key
 
     user_ids = sorted(train)
+    if not user_ids:
+        raise DatasetError(f"{path / 'train.json'}: no users")
     user_key_of = {user: key for key, user in umap.items()}
     for name, split in splits.items():
         unknown_user = next((user for user in split if user not in user_key_of), None)
