@@ -372,6 +372,35 @@ def test_recbole_import_sorts_by_time_and_reads_item_columns(tmp_path, capsys):
     assert "1 items of T.inter have no row" in capsys.readouterr().out
 
 
+def recbole_with_timestamp(directory: Path, value: str) -> Recbole:
+    write_recbole(directory, with_items=False)
+    inter = directory / "T.inter"
+    lines = inter.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].rsplit("\t", 1)[0] + f"\t{value}\n"
+    inter.write_text("".join(lines))
+    return Recbole(dir=directory, name="T", out=directory.parent / "out")
+
+
+def amazon_with_timestamp(directory: Path, value: str) -> Amazon:
+    reviews, meta = amazon_files(directory)
+    with gzip.open(reviews, "at", encoding="utf-8") as f:  # line 17, after the 16 valid reviews
+        f.write(f'{{"reviewerID": "u1", "asin": "A", "unixReviewTime": {value}}}\n')
+    return Amazon(out=directory.parent / "out", reviews=reviews, meta=meta)
+
+
+@pytest.mark.parametrize(
+    "importer, value, line",
+    [(recbole_with_timestamp, "nan", "T.inter:3"), (recbole_with_timestamp, "-inf", "T.inter:3"),
+     (amazon_with_timestamp, "NaN", "Things_5.json.gz:17"), (amazon_with_timestamp, "true", "Things_5.json.gz:17")],
+)  # fmt: skip
+def test_timestamps_that_are_not_finite_numbers_are_rejected_with_file_and_line(tmp_path, importer, value, line):
+    """NaN compares false with every time, so a sort would silently scramble the sequence around it."""
+    args = importer(tmp_path / "src", value)
+    with pytest.raises(DatasetError, match=rf"{line}: timestamp .* is not a (finite )?number"):
+        run(args)
+    assert not args.out.exists()
+
+
 def test_recbole_without_item_file_is_id_only(tmp_path):
     write_recbole(tmp_path / "src", with_items=False)
     stats = run(Recbole(dir=tmp_path / "src", name="T", out=tmp_path / "out"))
