@@ -347,6 +347,8 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
     (an exported embedding table inside is the user's work, so it needs --overwrite too)."""
     out = Path(out)
     blocker = file_on_the_way(out)
+    if blocker == out:
+        raise DatasetError(f"{out}: is a file, not a dataset directory")
     if blocker is not None:
         raise DatasetError(f"{out}: cannot be a dataset directory, {blocker} is a file")
     if overwrite or not out.is_dir():

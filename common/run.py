@@ -98,7 +98,7 @@ def recover(path: Path) -> None:
     path = Path(path)
     new, old = _swap_names(path)
     if not path.exists():
-        for complete in (new, old):
+        for complete in (new, old, *_legacy_old_copies(path)):
             if complete.is_dir():
                 complete.rename(path)
                 break
@@ -109,6 +109,13 @@ def recover(path: Path) -> None:
         pid = tmp.name[len(prefix) :].partition("-")[0]
         if pid.isdigit() and not _process_alive(int(pid)):
             _remove(tmp)
+
+
+def _legacy_old_copies(path: Path) -> list[Path]:
+    """Where the earlier two-rename swaps left the old directory when killed between their renames, newest first."""
+    escaped = glob.escape(path.name)
+    copies = [*path.parent.glob(f".{escaped}.tmp-*.old"), *path.parent.glob(f".{escaped}.old-*/{escaped}")]
+    return sorted(copies, key=lambda copy: copy.stat().st_mtime, reverse=True)
 
 
 def _swap_names(path: Path) -> tuple[Path, Path]:
@@ -129,12 +136,23 @@ def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = _new_tmp(path)
     try:
         write(tmp)
+        _give_default_modes(tmp)
         if path.is_dir() and tmp.is_dir():
             _swap_in(tmp, path)
         else:
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def _give_default_modes(path: Path) -> None:
+    """chmod `path` and everything under it to what the umask allows (0644 / 0755 under umask 022): some writers
+    create private files (safetensors writes 0600), but datasets, tables and checkpoints are meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
@@ -200,6 +218,8 @@ def check_run_dir(out: Path | None, overwrite: bool) -> None:
         return
     out = Path(out)
     blocker = file_on_the_way(out)
+    if blocker == out:
+        raise OutputError(f"{out}: is a file, not a run directory")
     if blocker is not None:
         raise OutputError(f"{out}: cannot be a run directory, {blocker} is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
