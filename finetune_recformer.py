@@ -242,7 +242,7 @@ def main(args: Args) -> None:
         raise SystemExit("error: --epochs, --batch-size and --grad-accum must be at least 1")
     seed_everything(args.seed)
     try:
-        check_run_dir(args.out, args.overwrite)
+        check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
         require_users(data, "val", "test")
         model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))

@@ -699,7 +699,7 @@ DATASET_BUILDERS = {
 
 def run(args: Command) -> dict:
     """Build what `args` asks for, write it atomically under args.out, print and return its stats."""
-    check_replaceable(args.out, args.overwrite)
+    check_replaceable(args.out, args.overwrite, args)
     if isinstance(args, PretrainCorpus):
         stats = build_pretrain_corpus(args)
     elif isinstance(args, Recformer):

@@ -554,7 +554,7 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     if args.resume and (args.out is None or not (args.out / "deepspeed" / "latest").exists()):
         raise InputError(f"{args.out}: --resume needs --out, a run directory holding deepspeed/latest")
     if not args.resume:
-        check_run_dir(args.out, args.overwrite)
+        check_run_dir(args.out, args.overwrite, args)
     corpus = load_corpus(args.data)  # before any process group: a bad corpus fails fast
     rank, world, device = init_distributed()
     if rank != 0:  # only rank 0 talks

@@ -229,7 +229,7 @@ def main(args: Args) -> dict[str, float]:
     if args.max_len < 2:
         raise SystemExit("error: --max-len must be at least 2 (one history item and the mask token)")
     try:
-        check_run_dir(args.out, args.overwrite)
+        check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
         require_users(data, "val", "test")
         table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)

@@ -275,7 +275,7 @@ def main(args: Args) -> dict[str, float]:
     device = resolve_device(args.device)
     loss_name = args.loss if args.loss != "auto" else ("bce" if args.sample_size > 0 else "ce")
     try:
-        check_run_dir(args.out, args.overwrite)
+        check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
         require_users(data, "val", "test")
         users, inputs, targets = next_item_pairs(data, args.max_len)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.run import file_on_the_way, save_atomic
+from common.run import file_on_the_way, protected_path_inside, save_atomic
 
 PAD = 0
 SPLIT_FILES = ("train.json", "val.json", "test.json")
@@ -340,18 +340,24 @@ def replace_dir_atomically(build, out: Path) -> None:
     save_atomic(Path(out), write)
 
 
-def check_replaceable(out: Path, overwrite: bool) -> None:
+def check_replaceable(out: Path, overwrite: bool, config=None) -> None:
     """Refuse, before any work, an output directory prepare_data.py may not replace: a file, a path under a file,
-    or (unless `overwrite`) a non-empty directory that is not a dataset or corpus this tool wrote. Ours means: its
-    stats.json and layout files are there, and nothing else but optional meta_data.json and the stages' caches
-    (an exported embedding table inside is the user's work, so it needs --overwrite too)."""
+    a directory holding the current directory or an input named in `config`, or (unless `overwrite`) a non-empty
+    directory that is not a dataset or corpus this tool wrote. Ours means: its stats.json and layout files are
+    there, and nothing else but optional meta_data.json and the stages' caches (an exported embedding table inside
+    is the user's work, so it needs --overwrite too)."""
     out = Path(out)
     blocker = file_on_the_way(out)
     if blocker == out:
         raise DatasetError(f"{out}: is a file, not a dataset directory")
     if blocker is not None:
         raise DatasetError(f"{out}: cannot be a dataset directory, {blocker} is a file")
-    if overwrite or not out.is_dir():
+    if not out.is_dir():
+        return
+    protected = protected_path_inside(out, config)
+    if protected is not None:
+        raise DatasetError(f"{out}: not replaced, it holds {protected}, which this command reads or runs in")
+    if overwrite:
         return
     names = {entry.name for entry in out.iterdir()}
     ours = {*DATASET_FILES, *CORPUS_FILES, *CACHE_DIRS}

@@ -199,6 +199,24 @@ def file_on_the_way(path: Path) -> Path | None:
     return None
 
 
+def _input_paths(config) -> list[Path]:
+    """The existing paths named by the fields of a configuration dataclass other than `out` (Path values, and
+    strings such as a backbone directory), flattening tuples of paths."""
+    if not dataclasses.is_dataclass(config):
+        return []
+    values = [getattr(config, field.name) for field in dataclasses.fields(config) if field.name != "out"]
+    flat = [v for value in values for v in (value if isinstance(value, (list, tuple)) else [value])]
+    paths = [Path(v) for v in flat if isinstance(v, (Path, str)) and str(v)]
+    return [path for path in paths if path.exists()]
+
+
+def protected_path_inside(out: Path, config) -> Path | None:
+    """The current directory or an input `config` names when it lies in `out` (or is `out`): what replacing or
+    emptying `out` would delete, though no one asked for that; else None."""
+    out = Path(out).resolve()
+    return next((p for p in [Path.cwd(), *_input_paths(config)] if p.resolve().is_relative_to(out)), None)
+
+
 def check_output_file(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output file path that holds a file (unless `overwrite`) or cannot hold one."""
     path = Path(path)
@@ -211,9 +229,10 @@ def check_output_file(path: Path, overwrite: bool) -> None:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
 
 
-def check_run_dir(out: Path | None, overwrite: bool) -> None:
+def check_run_dir(out: Path | None, overwrite: bool, config=None) -> None:
     """Refuse, before any work, a run directory that is a file, lies under a file, or is not empty (unless
-    `overwrite`): a new run must never mix its files with an earlier run's."""
+    `overwrite`, and then not if it holds the current directory or an input named in `config`): a new run must
+    never mix its files with an earlier run's."""
     if out is None:
         return
     out = Path(out)
@@ -222,8 +241,13 @@ def check_run_dir(out: Path | None, overwrite: bool) -> None:
         raise OutputError(f"{out}: is a file, not a run directory")
     if blocker is not None:
         raise OutputError(f"{out}: cannot be a run directory, {blocker} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise OutputError(f"{out}: holds files of an earlier run; choose another --out or pass --overwrite to empty it")
+    protected = protected_path_inside(out, config)
+    if protected is not None:
+        raise OutputError(f"{out}: not emptied, it holds {protected}, which this run reads or runs in")
 
 
 def create_run_dir(
@@ -238,7 +262,7 @@ def create_run_dir(
         out = Path("runs") / stage / f"{Path(data).name}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
     if not resume:
-        check_run_dir(out, overwrite)
+        check_run_dir(out, overwrite, config)
         if out.is_dir():
             for entry in list(out.iterdir()):
                 _remove(entry)

@@ -20,7 +20,7 @@ from common.embeddings import save_item_embeddings
 from common.evaluation import sample_negatives
 from common.recformer import RecformerTokenizer, dataset_item_tokens
 from common.run import OutputError, create_run_dir, recover, save_atomic
-from prepare_data import Synthetic, run
+from prepare_data import Recformer, Synthetic, run
 
 KILLED = 137
 
@@ -250,6 +250,20 @@ def test_a_stage_refuses_an_earlier_run_directory_unless_told_to_empty_it(synthe
 
     train_sasrec.main(train_sasrec.Args(**{**vars(args), "overwrite": True}))
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_overwrite_never_deletes_an_input_or_the_current_directory(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(Synthetic(out=out / "source", users=20, items=60))
+    before = snapshot(out)
+    with pytest.raises(DatasetError, match=f"{out}: not replaced, it holds {out / 'source'}"):
+        run(Recformer(dir=out / "source", out=out, overwrite=True))
+    with pytest.raises(SystemExit, match=f"error: {out}: not emptied, it holds {out / 'source'}"):
+        train_sasrec.main(train_sasrec.Args(data=out / "source", out=out, overwrite=True))
+    monkeypatch.chdir(out / "source")
+    with pytest.raises(OutputError, match=f"{out}: not emptied, it holds {out / 'source'}"):
+        create_run_dir(out, "sasrec", Path("data"), "none", {}, overwrite=True)
+    assert snapshot(out) == before
 
 
 def test_run_directories_resume_in_place_and_refuse_paths_under_a_file(tmp_path):
