@@ -17,6 +17,7 @@ so a 3.6M-sequence corpus costs two integer arrays, not millions of Python lists
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -81,10 +82,11 @@ class SeqDataset:
         digest = hashlib.sha256("\n".join(self.item_keys[1:]).encode("utf-8"))
         return digest.hexdigest()[:16]
 
-    @property
+    @functools.cached_property
     def content_fingerprint(self) -> str:
         """Hash of the item and user keys, every sequence and its split: caches derived from the interactions
-        (evaluation negatives) are valid only for the dataset with the same content fingerprint."""
+        (evaluation negatives) are valid only for the dataset with the same content fingerprint. Computed once per
+        loaded dataset (seconds for millions of sequences), as evaluation asks for it at every epoch."""
         digest = hashlib.sha256()
         for part in ("\n".join(self.item_keys), "\n".join(self.user_keys)):
             digest.update(part.encode("utf-8") + b"\0")
