@@ -418,7 +418,9 @@ def shared_run_dir(args: Args, rank: int) -> Path:
     chosen = [None]
     if rank == 0:
         tag = Path(args.backbone).name
-        chosen[0] = create_run_dir(args.out, "pretrain", args.data, tag, args, args.overwrite, args.resume)
+        chosen[0] = create_run_dir(
+            args.out, "pretrain", args.data, tag, args, overwrite=args.overwrite, resume=args.resume
+        )
     dist.broadcast_object_list(chosen, src=0)
     return Path(chosen[0])
 
