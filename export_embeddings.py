@@ -26,7 +26,7 @@ import tyro
 from common.data import DatasetError, load_dataset
 from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
 from common.recformer import BackboneError, RecformerModel, dataset_item_tokens, encode_items, item_texts, load_backbone
-from common.run import precision, resolve_device, seed_everything
+from common.run import OutputError, check_output_file, precision, resolve_device, seed_everything
 
 
 @dataclass
@@ -38,6 +38,8 @@ class Args:
     """Dataset directory with item text (written by prepare_data.py)."""
     out: Path | None = None
     """Output file; default <data>/embeddings/plm.safetensors."""
+    overwrite: bool = False
+    """Replace an existing --out file (by default an existing table is refused, never silently replaced)."""
     batch_size: int = 64
     """Items per forward pass (items are sorted by token count, so batches carry little padding)."""
     device: str = "auto"
@@ -55,10 +57,11 @@ def main(args: Args) -> None:
     device = resolve_device(args.device)
     out = args.out or default_embeddings_path(args.data)
     try:
+        check_output_file(out, args.overwrite)
         data = load_dataset(args.data)
         encoder, tokenizer = load_backbone(args.checkpoint, RecformerModel, item_texts(data))
         tokens = dataset_item_tokens(tokenizer, data)
-    except (DatasetError, BackboneError, EmbeddingFileError) as error:
+    except (DatasetError, BackboneError, EmbeddingFileError, OutputError) as error:
         raise SystemExit(f"error: {error}") from None
     encoder.to(device)
     began = time.time()

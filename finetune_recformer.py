@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, load_item_embeddings, save_item_embeddings
-from common.evaluation import evaluate
+from common.evaluation import evaluate, require_users
 from common.recformer import (
     BackboneError,
     ItemTokens,
@@ -56,7 +56,9 @@ from common.recformer import (
 )
 from common.run import (
     EarlyStopping,
+    OutputError,
     append_jsonl,
+    check_run_dir,
     create_run_dir,
     precision,
     progress,
@@ -78,6 +80,8 @@ class Args:
     BERT / RoBERTa directory or hub name, the paper's .bin state dict, or "tiny" (small random model for demos)."""
     out: Path | None = None
     """Run directory; default runs/finetune/<dataset>-<tag>-<timestamp>/."""
+    overwrite: bool = False
+    """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
     tag: str = "recformer"
     """Name part of the default run directory."""
     epochs: int = 16
@@ -238,14 +242,16 @@ def main(args: Args) -> None:
         raise SystemExit("error: --epochs, --batch-size and --grad-accum must be at least 1")
     seed_everything(args.seed)
     try:
+        check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
+        require_users(data, "val", "test")
         model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))
         trainer = Trainer(args, data, model, tokenizer)
-    except (DatasetError, BackboneError, EmbeddingFileError) as error:
+    except (DatasetError, BackboneError, EmbeddingFileError, OutputError) as error:
         raise SystemExit(f"error: {error}") from None
     if args.fix_word_embedding:
         model.longformer.embeddings.word_embeddings.weight.requires_grad_(False)
-    run_dir = create_run_dir(args.out, "finetune", args.data, args.tag, args)
+    run_dir = create_run_dir(args.out, "finetune", args.data, args.tag, args, overwrite=args.overwrite)
     print(f"run directory: {run_dir}")
 
     trainer.refresh_table()

@@ -20,8 +20,7 @@ from __future__ import annotations
 import gzip
 import html
 import json
-import os
-import tempfile
+import math
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
@@ -32,8 +31,17 @@ from typing import Annotated, Union
 import numpy as np
 import tyro
 
-from common.data import PAD, DatasetError, SeqDataset, has_text, load_dataset, replace_dir_atomically, write_dataset
-from common.run import progress
+from common.data import (
+    PAD,
+    DatasetError,
+    SeqDataset,
+    check_replaceable,
+    has_text,
+    load_dataset,
+    replace_dir_atomically,
+    write_dataset,
+)
+from common.run import progress, save_atomic
 
 Sequences = dict[str, list[str]]
 ItemMeta = dict[str, dict[str, str]]
@@ -52,6 +60,8 @@ class Synthetic:
 
     out: Path = Path("data/synthetic")
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
     users: int = 2000
     """number of users"""
     items: int = 500
@@ -67,6 +77,8 @@ class Amazon:
 
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
     reviews: Path | None = None
     """5-core reviews, e.g. Industrial_and_Scientific_5.json.gz (json lines: reviewerID, asin, unixReviewTime)"""
     meta: Path | None = None
@@ -90,6 +102,8 @@ class Recformer:
     """source dataset directory (train/val/test/smap/umap json, optional meta_data.json)"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -104,6 +118,8 @@ class Lcrec:
     """item text, e.g. Scientific.item.json"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -119,6 +135,8 @@ class Unisrec:
     """dataset name N (file prefix), e.g. Scientific"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -133,6 +151,8 @@ class Recbole:
     """dataset name N (file prefix), e.g. ml-100k"""
     out: Path
     """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
 
 
 @dataclass
@@ -148,8 +168,11 @@ class PretrainCorpus:
     """dataset directory whose sequences form dev.json (keep it disjoint from --from)"""
     out: Path
     """output corpus directory"""
-    train_only: bool = False
-    """take only each user's training part (no val/test targets): use it when you will fine-tune on a source"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
+    include_eval_targets: bool = False
+    """also take each user's validation and test targets (by default only training parts, so that a model
+    fine-tuned and evaluated on a source dataset never pre-trained on its evaluation targets)"""
 
 
 Command = Union[
@@ -299,9 +322,14 @@ def _field(path: Path, number: int, record: dict, name: str):
 
 def _timestamp(path: Path, number: int, value) -> float:
     try:
-        return float(value)
+        if isinstance(value, bool):
+            raise TypeError(value)
+        seconds = float(value)
     except (TypeError, ValueError):
         raise DatasetError(f"{path}:{number}: timestamp {value!r} is not a number") from None
+    if not math.isfinite(seconds):  # NaN compares false with everything and would scramble the time order
+        raise DatasetError(f"{path}:{number}: timestamp {value!r} is not a finite number")
+    return seconds
 
 
 def _read_json(path: Path):
@@ -325,21 +353,19 @@ def download(url: str, path: Path) -> Path:
     """Fetch `url` into `path` via a temporary file in the same directory, so `path` is either whole or absent."""
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(descriptor, "wb") as f, urllib.request.urlopen(url) as response:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f, urllib.request.urlopen(url) as response:
             size = int(response.headers.get("Content-Length") or 0) or None
             with progress(None, total=size, desc=path.name, unit="B", unit_scale=True) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-        tmp.rename(path)
+
+    try:
+        save_atomic(path, write)
     except OSError as error:  # URLError and HTTPError are OSErrors
         raise DatasetError(f"{url}: download failed ({error})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -607,9 +633,9 @@ def corpus_sequences(data: SeqDataset, train_only: bool) -> tuple[list[list[str]
     return sequences, meta, {"items": int((~with_text[1:]).sum()), "sequences": dropped_sequences}
 
 
-def write_corpus(out: Path, train: list[list[str]], dev: list[list[str]], meta: ItemMeta) -> None:
+def write_corpus(out: Path, train: list[list[str]], dev: list[list[str]], meta: ItemMeta, stats: dict) -> None:
     def build(tmp: Path) -> None:
-        for name, obj in (("train.json", train), ("dev.json", dev), ("meta_data.json", meta)):
+        for name, obj in (("train.json", train), ("dev.json", dev), ("meta_data.json", meta), ("stats.json", stats)):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 json.dump(obj, f, ensure_ascii=False)
 
@@ -641,19 +667,21 @@ def build_pretrain_corpus(args: PretrainCorpus) -> dict:
     repeated = next((name for name in names if names.count(name) > 1), None)
     if repeated is not None:
         raise DatasetError(f"{repeated}: two --from/--dev directories share this name, so their keys would collide")
-    train, train_meta, train_items, train_sequences = _corpus_part(sources, args.train_only)
-    dev, dev_meta, dev_items, dev_sequences = _corpus_part([dev_dir], args.train_only)
+    train_only = not args.include_eval_targets
+    train, train_meta, train_items, train_sequences = _corpus_part(sources, train_only)
+    dev, dev_meta, dev_items, dev_sequences = _corpus_part([dev_dir], train_only)
     if not train or not dev:
         raise DatasetError(f"{args.out}: the {'training' if not train else 'dev'} part of the corpus is empty")
     meta = train_meta | dev_meta
-    write_corpus(args.out, train, dev, meta)
-    return {
+    stats = {
         "train_sequences": len(train),
         "dev_sequences": len(dev),
         "items": len(meta),
         "dropped_items_without_text": train_items + dev_items,
         "dropped_short_sequences": train_sequences + dev_sequences,
     }
+    write_corpus(args.out, train, dev, meta, stats)
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -671,6 +699,7 @@ DATASET_BUILDERS = {
 
 def run(args: Command) -> dict:
     """Build what `args` asks for, write it atomically under args.out, print and return its stats."""
+    check_replaceable(args.out, args.overwrite, args)
     if isinstance(args, PretrainCorpus):
         stats = build_pretrain_corpus(args)
     elif isinstance(args, Recformer):

@@ -52,7 +52,7 @@ from common.recformer import (
     save_checkpoint,
     to_device,
 )
-from common.run import append_jsonl, create_run_dir, progress, save_atomic
+from common.run import OutputError, append_jsonl, check_run_dir, create_run_dir, progress, save_atomic
 
 
 @dataclass
@@ -64,6 +64,8 @@ class Args:
     checkpoint directory, the paper's .bin files, or `tiny`)"""
     out: Path | None = None
     """run directory (default runs/pretrain/<corpus>-<backbone>-<timestamp>)"""
+    overwrite: bool = False
+    """empty a non-empty --out first (by default it is refused, so no run mixes with another; see --resume)"""
     resume: bool = False
     """continue the run in --out from its latest DeepSpeed checkpoint, exactly where it stopped"""
     zero_stage: Literal[0, 1, 2, 3] = 2
@@ -416,7 +418,9 @@ def shared_run_dir(args: Args, rank: int) -> Path:
     chosen = [None]
     if rank == 0:
         tag = Path(args.backbone).name
-        chosen[0] = create_run_dir(args.out, "pretrain", args.data, tag, args)
+        chosen[0] = create_run_dir(
+            args.out, "pretrain", args.data, tag, args, overwrite=args.overwrite, resume=args.resume
+        )
     dist.broadcast_object_list(chosen, src=0)
     return Path(chosen[0])
 
@@ -547,10 +551,12 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     """Set up, train; returns the run directory and the engine (tests read each rank's weights from it)."""
     if args.bf16 and args.fp16:
         raise InputError("--bf16 and --fp16 exclude each other")
+    if args.resume and args.overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
     if args.resume and (args.out is None or not (args.out / "deepspeed" / "latest").exists()):
         raise InputError(f"{args.out}: --resume needs --out, a run directory holding deepspeed/latest")
-    if not args.resume and args.out is not None and (args.out / "metrics.jsonl").exists():
-        raise InputError(f"{args.out}: holds a previous run; pass --resume to continue it, or choose another --out")
+    if not args.resume:
+        check_run_dir(args.out, args.overwrite, args)
     corpus = load_corpus(args.data)  # before any process group: a bad corpus fails fast
     rank, world, device = init_distributed()
     if rank != 0:  # only rank 0 talks
@@ -597,5 +603,5 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (InputError, DatasetError, BackboneError) as error:
+    except (InputError, OutputError, DatasetError, BackboneError) as error:
         raise SystemExit(f"error: {error}") from None

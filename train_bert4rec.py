@@ -36,8 +36,16 @@ from torch import nn
 
 from common.data import PAD, DatasetError, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
-from common.evaluation import Scorer, evaluate
-from common.run import autocast, create_run_dir, progress, resolve_device, seed_everything
+from common.evaluation import Scorer, evaluate, require_users
+from common.run import (
+    OutputError,
+    autocast,
+    check_run_dir,
+    create_run_dir,
+    progress,
+    resolve_device,
+    seed_everything,
+)
 from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions, train_with_early_stopping
 
 LAST_ONLY_PROB = 0.09  # the paper's code masks only the newest item of this share of training sequences
@@ -49,6 +57,8 @@ class Args:
     """Dataset directory (written by prepare_data.py)."""
     out: Path | None = None
     """Run directory; default runs/bert4rec/<dataset>-<init-type>-<timestamp>/."""
+    overwrite: bool = False
+    """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
     init_type: Literal["none", "plm"] = "none"
     """Token table start: "none" = random (torch's default, as the paper), "plm" = the vectors in --embeddings."""
     embeddings: Path | None = None
@@ -219,7 +229,9 @@ def main(args: Args) -> dict[str, float]:
     if args.max_len < 2:
         raise SystemExit("error: --max-len must be at least 2 (one history item and the mask token)")
     try:
+        check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
+        require_users(data, "val", "test")
         table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
@@ -229,13 +241,13 @@ def main(args: Args) -> dict[str, float]:
             mask_row = table.new_zeros(1, table.shape[1])  # the paper gives the mask token a zero vector
             model.token_emb.weight.data.copy_(torch.cat([table, mask_row]))
             model.token_emb.weight.requires_grad_(not args.freeze_embeddings)
-    except (DatasetError, EmbeddingFileError) as error:
+    except (DatasetError, EmbeddingFileError, OutputError) as error:
         raise SystemExit(f"error: {error}") from None
     model.to(device)
     sequences = torch.from_numpy(data.train_matrix(args.max_len)).to(device)  # (U, max_len) left-padded
     encode = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    run_dir = create_run_dir(args.out, "bert4rec", args.data, args.init_type, args)
+    run_dir = create_run_dir(args.out, "bert4rec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(sequences)} training sequences, {data.num_items} items, run {run_dir}")
 
     def train_epoch(epoch: int) -> float:

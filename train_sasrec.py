@@ -36,8 +36,16 @@ from torch import nn
 
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
-from common.evaluation import Scorer, evaluate
-from common.run import autocast, create_run_dir, progress, resolve_device, seed_everything
+from common.evaluation import Scorer, evaluate, require_users
+from common.run import (
+    OutputError,
+    autocast,
+    check_run_dir,
+    create_run_dir,
+    progress,
+    resolve_device,
+    seed_everything,
+)
 from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions, train_with_early_stopping
 
 
@@ -47,6 +55,8 @@ class Args:
     """Dataset directory (written by prepare_data.py)."""
     out: Path | None = None
     """Run directory; default runs/sasrec/<dataset>-<init-type>-<timestamp>/."""
+    overwrite: bool = False
+    """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
     init_type: Literal["none", "plm"] = "none"
     """Item table start: "none" = Xavier-normal random, "plm" = the vectors in --embeddings."""
     embeddings: Path | None = None
@@ -265,7 +275,9 @@ def main(args: Args) -> dict[str, float]:
     device = resolve_device(args.device)
     loss_name = args.loss if args.loss != "auto" else ("bce" if args.sample_size > 0 else "ce")
     try:
+        check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
+        require_users(data, "val", "test")
         users, inputs, targets = next_item_pairs(data, args.max_len)
         history_keys = training_history_keys(data).to(device) if loss_name == "bce" else None
         table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
@@ -276,7 +288,7 @@ def main(args: Args) -> dict[str, float]:
         if table is not None:
             model.item_emb.weight.data.copy_(table)
             model.item_emb.weight.requires_grad_(not args.freeze_embeddings)
-    except (DatasetError, EmbeddingFileError) as error:
+    except (DatasetError, EmbeddingFileError, OutputError) as error:
         raise SystemExit(f"error: {error}") from None
     if len(users) == 0:
         raise SystemExit(f"error: {args.data}: no user has two training items to learn from")
@@ -284,7 +296,7 @@ def main(args: Args) -> dict[str, float]:
     users, inputs, targets = users.to(device), inputs.to(device), targets.to(device)
     encode = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98))
-    run_dir = create_run_dir(args.out, "sasrec", args.data, args.init_type, args)
+    run_dir = create_run_dir(args.out, "sasrec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(users)} training sequences, {data.num_items} items, loss {loss_name}, run {run_dir}")
 
     def train_epoch(epoch: int) -> float:

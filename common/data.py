@@ -17,18 +17,22 @@ so a 3.6M-sequence corpus costs two integer arrays, not millions of Python lists
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from common.run import file_on_the_way, protected_path_inside, save_atomic
+
 PAD = 0
 SPLIT_FILES = ("train.json", "val.json", "test.json")
+DATASET_FILES = (*SPLIT_FILES, "smap.json", "umap.json", "stats.json")
+CORPUS_FILES = ("train.json", "dev.json", "meta_data.json", "stats.json")
+CACHE_DIRS = ("negatives", "recformer_tokens")  # what the stages add to a dataset; rebuilt when missing
 
 
 class DatasetError(ValueError):
@@ -76,6 +80,18 @@ class SeqDataset:
     def fingerprint(self) -> str:
         """Hash of the item keys in id order: an embedding table made for one dataset fits another only if equal."""
         digest = hashlib.sha256("\n".join(self.item_keys[1:]).encode("utf-8"))
+        return digest.hexdigest()[:16]
+
+    @functools.cached_property
+    def content_fingerprint(self) -> str:
+        """Hash of the item and user keys, every sequence and its split: caches derived from the interactions
+        (evaluation negatives) are valid only for the dataset with the same content fingerprint. Computed once per
+        loaded dataset (seconds for millions of sequences), as evaluation asks for it at every epoch."""
+        digest = hashlib.sha256()
+        for part in ("\n".join(self.item_keys), "\n".join(self.user_keys)):
+            digest.update(part.encode("utf-8") + b"\0")
+        for array in (self.offsets, self.items, self.train_len, self.has_val, self.has_test):
+            digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()[:16]
 
     def sequence(self, row: int) -> np.ndarray:
@@ -164,10 +180,14 @@ def item_attributes(meta_path: Path, key: str, attributes) -> dict[str, str]:
     return {str(name): "" if value is None else str(value) for name, value in attributes.items()}
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _id_map(path: Path) -> dict[str, int]:
     mapping = read_json(path)
     for key, value in mapping.items():
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not _is_integer(value):
             raise DatasetError(f"{path}: id of {key!r} is {value!r}, not an integer")
     ids = sorted(mapping.values())
     if len(set(ids)) != len(ids):
@@ -179,8 +199,11 @@ def _split_lists(path: Path) -> dict[int, list[int]]:
     raw = read_json(path)
     split = {}
     for user, sequence in raw.items():
-        if not isinstance(sequence, list) or not all(isinstance(i, int) for i in sequence):
+        if not isinstance(sequence, list):
             raise DatasetError(f"{path}: user {user!r} does not map to a list of integer item ids")
+        bad = next((i for i in sequence if not _is_integer(i)), None)
+        if bad is not None:  # JSON true/false would pass isinstance(i, int) as 1/0
+            raise DatasetError(f"{path}: user {user!r} has item id {json.dumps(bad)}, not an integer")
         if not sequence:
             raise DatasetError(f"{path}: user {user!r} has an empty sequence")
         try:
@@ -192,8 +215,12 @@ def _split_lists(path: Path) -> dict[int, list[int]]:
 
 def _check_item_range(path: Path, split: dict[int, list[int]], low: int, high: int) -> None:
     """Every item id in `split` lies in [low, high]; vectorized, the offending user is looked up only on failure."""
-    flat = np.fromiter((i for sequence in split.values() for i in sequence), dtype=np.int64)
-    if flat.size and (flat.min() < low or flat.max() > high):
+    try:
+        flat = np.fromiter((i for sequence in split.values() for i in sequence), dtype=np.int64)
+        in_range = not flat.size or (flat.min() >= low and flat.max() <= high)
+    except OverflowError:  # an id beyond int64, e.g. 10**30
+        in_range = False
+    if not in_range:
         user, item = next((u, i) for u, seq in split.items() for i in seq if not low <= i <= high)
         raise DatasetError(f"{path}: user {user} has item id {item} that is not in smap.json")
 
@@ -221,6 +248,8 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
         item_keys[item + shift] = key
 
     user_ids = sorted(train)
+    if not user_ids:
+        raise DatasetError(f"{path / 'train.json'}: no users")
     user_key_of = {user: key for key, user in umap.items()}
     for name, split in splits.items():
         unknown_user = next((user for user in split if user not in user_key_of), None)
@@ -303,25 +332,43 @@ def _write_json(path: Path, obj) -> None:
 
 
 def replace_dir_atomically(build, out: Path) -> None:
-    """Call build(tmp_dir), then move tmp_dir onto `out` so readers never see a half-written directory.
+    """Call build(tmp_dir) on a new empty directory, then swap it onto `out` (common.run.save_atomic), so readers
+    never see a half-written directory and an error or a kill never loses the previous `out`."""
 
-    On any error the temporary directory is removed and an existing `out` is left untouched.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         build(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    save_atomic(Path(out), write)
+
+
+def check_replaceable(out: Path, overwrite: bool, config=None) -> None:
+    """Refuse, before any work, an output directory prepare_data.py may not replace: a file, a path under a file,
+    a directory holding the current directory or an input named in `config`, or (unless `overwrite`) a non-empty
+    directory that is not a dataset or corpus this tool wrote. Ours means: its stats.json and layout files are
+    there, and nothing else but optional meta_data.json and the stages' caches (an exported embedding table inside
+    is the user's work, so it needs --overwrite too)."""
+    out = Path(out)
+    blocker = file_on_the_way(out)
+    if blocker == out:
+        raise DatasetError(f"{out}: is a file, not a dataset directory")
+    if blocker is not None:
+        raise DatasetError(f"{out}: cannot be a dataset directory, {blocker} is a file")
+    if not out.is_dir():
+        return
+    protected = protected_path_inside(out, config)
+    if protected is not None:
+        raise DatasetError(f"{out}: not replaced, it holds {protected}, which this command reads or runs in")
+    if overwrite:
+        return
+    names = {entry.name for entry in out.iterdir()}
+    ours = {*DATASET_FILES, *CORPUS_FILES, *CACHE_DIRS}
+    if names and not (names <= ours and (set(DATASET_FILES) <= names or set(CORPUS_FILES) <= names)):
+        foreign = sorted(names - ours) or ["no stats.json"]
+        raise DatasetError(
+            f"{out}: not a dataset written by prepare_data.py ({', '.join(foreign[:3])}); "
+            "pass --overwrite to replace it with everything in it"
+        )
 
 
 def write_dataset(

@@ -9,11 +9,12 @@ first (the original code counted only strictly higher scores, which makes a cons
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.data import PAD, SeqDataset
+from common.data import PAD, DatasetError, SeqDataset
 from common.run import save_atomic
 
 KS = (1, 5, 10, 20, 50)
@@ -41,20 +42,44 @@ def sample_negatives(data: SeqDataset, sample_size: int, seed: int = NEGATIVE_SE
     """(num_users, sample_size) negatives per user, uniform without replacement over items the user never touched.
 
     Drawn once per dataset and cached in <data>/negatives/ so every model is ranked against the same candidates.
+    The file name holds the dataset's content fingerprint, so a changed dataset never reuses another's negatives
+    (they could be its users' own items); an unreadable file is drawn again.
     """
-    cache = data.path / "negatives" / f"sample{sample_size}-seed{seed}.npy"
-    if cache.exists():
-        negatives = np.load(cache)
-        if negatives.shape == (data.num_users, sample_size):
-            return negatives
+    directory = data.path / "negatives"
+    name = f"sample{sample_size}-seed{seed}"
+    cache = directory / f"{name}-{data.content_fingerprint}.npy"
+    negatives = _read_negatives(cache, (data.num_users, sample_size))
+    if negatives is not None:
+        return negatives
     negatives = _draw_unseen_items(data, sample_size, np.random.default_rng(seed))
-    cache.parent.mkdir(exist_ok=True)
+    directory.mkdir(exist_ok=True)
+
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object, because np.save would append ".npy" to the temporary name
             np.save(f, negatives)
 
     save_atomic(cache, write)
+    for stale in [*directory.glob(f"{name}-*.npy"), directory / f"{name}.npy"]:  # earlier datasets at this path
+        if stale != cache:
+            stale.unlink(missing_ok=True)
     return negatives
+
+
+def _read_negatives(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached negatives at `path`, or None when the file is missing, unreadable or of another shape."""
+    try:
+        negatives = np.load(path)
+    except (OSError, ValueError, EOFError):  # missing, truncated, or not an .npy file
+        return None
+    return negatives if negatives.shape == shape and negatives.dtype == np.int64 else None
+
+
+def require_users(data: SeqDataset, *splits: str) -> None:
+    """A one-line DatasetError when a split has no user to evaluate (metrics over zero users would read as 0 and
+    pick a "best" model on nothing); stages call it before training, evaluate before every evaluation."""
+    for split in splits:
+        if not (data.has_val if split == "val" else data.has_test).any():
+            raise DatasetError(f"{data.path / f'{split}.json'}: no users to evaluate on (split {split} of {data.name})")
 
 
 def _draw_unseen_items(data: SeqDataset, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -120,6 +145,7 @@ def evaluate(
     sample_size > 0 ranks the target against that many cached negatives; <= 0 ranks it against every item.
     exclude_history removes the user's earlier items from full ranking (off by default, as in the paper).
     """
+    require_users(data, split)
     rows, histories, targets = data.eval_split(split, max_len)
     history_ends = data.train_len[rows] + (split == "test")
     sampled = sample_size > 0
@@ -144,5 +170,5 @@ def evaluate(
         if torch.isnan(scores).any():
             raise ValueError(f"evaluation on {data.path} ({split}): the model produced NaN scores")
         sums += metric_sums(ranks)
-    means = (sums / max(1, len(rows))).tolist()
+    means = (sums / len(rows)).tolist()
     return {**dict(zip(metric_names(), means)), "users": len(rows)}

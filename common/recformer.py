@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -402,13 +403,26 @@ def cached_item_tokens(
     """tokenizer.tokenize_items(texts), stored once in cache_dir under a name keyed by tokenizer, config and text.
 
     Row i holds texts[i]. build_batch and encode_items read id 0 as padding, so a corpus should start with {}.
+    The key covers every text in row order, so a changed dataset gets its own file; an unreadable or inconsistent
+    file (a crash, a full disk) is tokenized again.
     """
     path = Path(cache_dir) / f"tokens-{tokenizer.fingerprint()}-{text_fingerprint(texts)}.npz"
-    if path.exists():
-        return ItemTokens.load(path)
-    tokens = tokenizer.tokenize_items(texts)
-    tokens.save(path)
+    tokens = _read_item_tokens(path, len(texts))
+    if tokens is None:
+        tokens = tokenizer.tokenize_items(texts)
+        tokens.save(path)
     return tokens
+
+
+def _read_item_tokens(path: Path, rows: int) -> ItemTokens | None:
+    """The cached tokens at `path` when the file is readable and holds `rows` consistent rows, else None."""
+    try:
+        tokens = ItemTokens.load(path)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # missing, truncated, not an .npz
+        return None
+    sizes = {len(tokens.input_ids), len(tokens.token_types), len(tokens.word_starts)}
+    consistent = len(tokens.offsets) == rows + 1 and tokens.offsets[0] == 0 and sizes == {int(tokens.offsets[-1])}
+    return tokens if consistent and (np.diff(tokens.offsets) >= 0).all() else None
 
 
 def item_texts(data: SeqDataset) -> list[dict[str, str]]:

@@ -6,11 +6,13 @@ Helpers, not a trainer: each stage script keeps its own loop.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import random
+import secrets
 import shutil
-import tempfile
+import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -61,35 +63,119 @@ def _jsonable(value):
     return value
 
 
-def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) with a temporary path beside `path`, then rename it onto `path` (a file or a directory).
+class OutputError(ValueError):
+    """An output path cannot be used (it holds something else, or lies under a file); one line naming the path."""
 
-    A crash mid-write leaves the previous `path` intact and no half-written file under its name.
+
+def _tmp_prefix(path: Path) -> str:
+    """Prefix of the temporary names of writes to `path`; host and pid tell whose write a leftover was."""
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def _new_tmp(path: Path) -> Path:
+    """A fresh name beside `path` for write(tmp) to create (so files and directories get umask-respecting modes,
+    unlike mkstemp's 0600 and mkdtemp's 0700)."""
+    return path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
+
+
+def recover(path: Path) -> None:
+    """Finish or undo a directory swap into `path` that a killed process left half done, and remove leftovers.
+
+    A swap renames a complete new version to `.<name>.new`, the current one to `.<name>.old`, then the new one in.
+    So when `path` is missing, `.new` (complete) or else `.old` is put back; leftovers beside an existing `path`, and
+    `.tmp-` writes of dead processes on this host, are deleted.
+    """
+    path = Path(path)
+    new, old = _swap_names(path)
+    if not path.exists():
+        for complete in (new, old, *_legacy_old_copies(path)):
+            if complete.is_dir():
+                complete.rename(path)
+                break
+    for leftover in (new, old):
+        _remove(leftover)
+    prefix = _tmp_prefix(path)
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix) :].partition("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            _remove(tmp)
+
+
+def _legacy_old_copies(path: Path) -> list[Path]:
+    """Where the earlier two-rename swaps left the old directory when killed between their renames, newest first."""
+    escaped = glob.escape(path.name)
+    copies = [*path.parent.glob(f".{escaped}.tmp-*.old"), *path.parent.glob(f".{escaped}.old-*/{escaped}")]
+    return sorted(copies, key=lambda copy: copy.stat().st_mtime, reverse=True)
+
+
+def _swap_names(path: Path) -> tuple[Path, Path]:
+    return path.with_name(f".{path.name}.new"), path.with_name(f".{path.name}.old")
+
+
+def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) with a temporary path beside `path` (write creates a file or a directory there), then move
+    it onto `path`, so readers never see a half-written file or directory under `path`.
+
+    Files are replaced by one rename. An existing directory is swapped in three renames (new one beside as
+    `.<name>.new`, old one away as `.<name>.old`, new one in); an error undoes the swap, and after a kill the next
+    call (or `recover`) completes it. One writer per `path` at a time.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()
+    recover(path)
+    tmp = _new_tmp(path)
     try:
         write(tmp)
+        _give_default_modes(tmp)
         if path.is_dir() and tmp.is_dir():
-            old = tmp.with_name(tmp.name + ".old")
-            path.rename(old)
-            tmp.rename(path)
-            _remove(old)
+            _swap_in(tmp, path)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    finally:
         _remove(tmp)
+
+
+def _give_default_modes(path: Path) -> None:
+    """chmod `path` and everything under it to what the umask allows (0644 / 0755 under umask 022): some writers
+    create private files (safetensors writes 0600), but datasets, tables and checkpoints are meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for entry in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not entry.is_symlink():
+            os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    new, old = _swap_names(path)
+    tmp.rename(new)  # from here on a complete new version exists under a name `recover` knows
+    try:
+        path.rename(old)
+    except BaseException:
+        _remove(new)
         raise
+    try:
+        new.rename(path)
+    except BaseException:
+        old.rename(path)
+        _remove(new)
+        raise
+    _remove(old)
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
+    elif path.exists() or path.is_symlink():
         path.unlink()
 
 
@@ -105,11 +191,81 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(_jsonable(record)) + "\n")
 
 
-def create_run_dir(out: Path | None, stage: str, data: Path, tag: str, config) -> Path:
-    """The run directory (`out`, or runs/<stage>/<dataset>-<tag>-<timestamp>/) with config.json written in it."""
+def file_on_the_way(path: Path) -> Path | None:
+    """`path` itself or its nearest existing ancestor when that is not a directory (nothing can be created there)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _input_paths(config) -> list[Path]:
+    """The existing paths named by the fields of a configuration dataclass other than `out` (Path values, and
+    strings such as a backbone directory), flattening tuples of paths."""
+    if not dataclasses.is_dataclass(config):
+        return []
+    values = [getattr(config, field.name) for field in dataclasses.fields(config) if field.name != "out"]
+    flat = [v for value in values for v in (value if isinstance(value, (list, tuple)) else [value])]
+    paths = [Path(v) for v in flat if isinstance(v, (Path, str)) and str(v)]
+    return [path for path in paths if path.exists()]
+
+
+def protected_path_inside(out: Path, config) -> Path | None:
+    """The current directory or an input `config` names when it lies in `out` (or is `out`): what replacing or
+    emptying `out` would delete, though no one asked for that; else None."""
+    out = Path(out).resolve()
+    return next((p for p in [Path.cwd(), *_input_paths(config)] if p.resolve().is_relative_to(out)), None)
+
+
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output file path that holds a file (unless `overwrite`) or cannot hold one."""
+    path = Path(path)
+    blocker = file_on_the_way(path.parent)
+    if blocker is not None:
+        raise OutputError(f"{path}: cannot be created, {blocker} is a file")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory, expected a file path")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+
+
+def check_run_dir(out: Path | None, overwrite: bool, config=None) -> None:
+    """Refuse, before any work, a run directory that is a file, lies under a file, or is not empty (unless
+    `overwrite`, and then not if it holds the current directory or an input named in `config`): a new run must
+    never mix its files with an earlier run's."""
+    if out is None:
+        return
+    out = Path(out)
+    blocker = file_on_the_way(out)
+    if blocker == out:
+        raise OutputError(f"{out}: is a file, not a run directory")
+    if blocker is not None:
+        raise OutputError(f"{out}: cannot be a run directory, {blocker} is a file")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise OutputError(f"{out}: holds files of an earlier run; choose another --out or pass --overwrite to empty it")
+    protected = protected_path_inside(out, config)
+    if protected is not None:
+        raise OutputError(f"{out}: not emptied, it holds {protected}, which this run reads or runs in")
+
+
+def create_run_dir(
+    out: Path | None, stage: str, data: Path, tag: str, config, overwrite: bool = False, resume: bool = False
+) -> Path:
+    """The run directory (`out`, or runs/<stage>/<dataset>-<tag>-<timestamp>/) with config.json written in it.
+
+    A non-empty `out` is refused (OutputError) unless `overwrite`, which empties it first, or `resume`, which
+    continues the run in it.
+    """
     if out is None:
         out = Path("runs") / stage / f"{Path(data).name}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
+    if not resume:
+        check_run_dir(out, overwrite, config)
+        if out.is_dir():
+            for entry in list(out.iterdir()):
+                _remove(entry)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", config)
     return out

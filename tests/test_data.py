@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from common.data import DatasetError, load_dataset, write_dataset
+from common.data import SPLIT_FILES, DatasetError, load_dataset, write_dataset
+from common.evaluation import evaluate
 
 SEQUENCES = {"ann": ["a", "b", "c", "d"], "bob": ["b", "c"], "cid": ["e", "a", "b"]}
 META = {key: {"title": f"Title {key}", "brand": "Acme", "category": "Tools"} for key in "abcde"}
@@ -137,3 +138,46 @@ def test_rewrite_replaces_atomically(dataset_dir):
     assert stats["users"] == 1
     assert not (dataset_dir / "meta_data.json").exists()
     assert [p.name for p in dataset_dir.parent.iterdir()] == ["toy"]
+
+
+def edit(name, update):
+    return lambda directory: rewrite(directory / name, update)
+
+
+BAD_FILES = {  # case: (edit of the toy dataset, expected one-line message)
+    "JSON true as an item id": (
+        edit("train.json", lambda d: d["1"].append(True)), r"train\.json: user '1' has item id true, not an integer"
+    ),
+    "JSON false as an item id": (
+        edit("test.json", lambda d: d.update({"1": [False]})), r"test\.json: user '1' has item id false"
+    ),
+    "id beyond int64": (
+        edit("val.json", lambda d: d.update({"1": [10**30]})), r"val\.json: user 1 has item id 10{30} that is not"
+    ),
+    "no users": (
+        lambda directory: [edit(name, dict.clear)(directory) for name in SPLIT_FILES], r"train\.json: no users"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_malformed_ids_and_empty_datasets_are_one_line_errors(dataset_dir, case):
+    break_dataset, message = BAD_FILES[case]
+    break_dataset(dataset_dir)
+    with pytest.raises(DatasetError, match=message) as error:
+        load_dataset(dataset_dir)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_evaluation_over_zero_users_is_an_error(dataset_dir, split):
+    rewrite(dataset_dir / "test.json", lambda d: d.clear())  # a test target needs a validation target
+    if split == "val":
+        rewrite(dataset_dir / "val.json", lambda d: d.clear())
+    data = load_dataset(dataset_dir)
+
+    def never_called(histories, candidates):
+        raise AssertionError("there is nothing to score")
+
+    with pytest.raises(DatasetError, match=rf"{split}\.json: no users to evaluate on \(split {split} of toy\)"):
+        evaluate(never_called, data, split, max_len=5, sample_size=0, device="cpu")

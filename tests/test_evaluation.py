@@ -142,7 +142,7 @@ def test_negatives_unseen_distinct_and_cached(small_data):
         assert len(set(negatives[row].tolist())) == 30
         assert not seen & set(negatives[row].tolist())
         assert 0 not in negatives[row]
-    cache = small_data.path / "negatives" / "sample30-seed98765.npy"
+    cache = small_data.path / "negatives" / f"sample30-seed98765-{small_data.content_fingerprint}.npy"
     assert cache.exists()
     stamp = cache.stat().st_mtime_ns
     again = sample_negatives(small_data, 30)

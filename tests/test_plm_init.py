@@ -80,7 +80,7 @@ def test_sasrec_table_trains_by_default_and_freezes_on_request(data, tmp_path):
     save_item_embeddings(tmp_path / "plm.safetensors", table, data, checkpoint="test")
     train_sasrec.main(sasrec_args(data, tmp_path, lr=1e-2))
     assert not torch.allclose(best_state(tmp_path)["item_emb.weight"], table)
-    train_sasrec.main(sasrec_args(data, tmp_path, lr=1e-2, freeze_embeddings=True))
+    train_sasrec.main(sasrec_args(data, tmp_path, lr=1e-2, freeze_embeddings=True, overwrite=True))
     torch.testing.assert_close(best_state(tmp_path)["item_emb.weight"], table)
 
 
@@ -112,7 +112,7 @@ def test_bert4rec_table_is_frozen_with_a_zero_mask_row(data, tmp_path):
     assert token_table.shape == (data.num_items + 2, 16)
     torch.testing.assert_close(token_table[:-1], table)
     assert (token_table[-1] == 0).all()
-    train_bert4rec.main(dataclasses.replace(args, freeze_embeddings=False))
+    train_bert4rec.main(dataclasses.replace(args, freeze_embeddings=False, overwrite=True))
     assert not torch.allclose(best_state(tmp_path)["token_emb.weight"][:-1], table)
 
 

@@ -372,6 +372,35 @@ def test_recbole_import_sorts_by_time_and_reads_item_columns(tmp_path, capsys):
     assert "1 items of T.inter have no row" in capsys.readouterr().out
 
 
+def recbole_with_timestamp(directory: Path, value: str) -> Recbole:
+    write_recbole(directory, with_items=False)
+    inter = directory / "T.inter"
+    lines = inter.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].rsplit("\t", 1)[0] + f"\t{value}\n"
+    inter.write_text("".join(lines))
+    return Recbole(dir=directory, name="T", out=directory.parent / "out")
+
+
+def amazon_with_timestamp(directory: Path, value: str) -> Amazon:
+    reviews, meta = amazon_files(directory)
+    with gzip.open(reviews, "at", encoding="utf-8") as f:  # line 17, after the 16 valid reviews
+        f.write(f'{{"reviewerID": "u1", "asin": "A", "unixReviewTime": {value}}}\n')
+    return Amazon(out=directory.parent / "out", reviews=reviews, meta=meta)
+
+
+@pytest.mark.parametrize(
+    "importer, value, line",
+    [(recbole_with_timestamp, "nan", "T.inter:3"), (recbole_with_timestamp, "-inf", "T.inter:3"),
+     (amazon_with_timestamp, "NaN", "Things_5.json.gz:17"), (amazon_with_timestamp, "true", "Things_5.json.gz:17")],
+)  # fmt: skip
+def test_timestamps_that_are_not_finite_numbers_are_rejected_with_file_and_line(tmp_path, importer, value, line):
+    """NaN compares false with every time, so a sort would silently scramble the sequence around it."""
+    args = importer(tmp_path / "src", value)
+    with pytest.raises(DatasetError, match=rf"{line}: timestamp .* is not a (finite )?number"):
+        run(args)
+    assert not args.out.exists()
+
+
 def test_recbole_without_item_file_is_id_only(tmp_path):
     write_recbole(tmp_path / "src", with_items=False)
     stats = run(Recbole(dir=tmp_path / "src", name="T", out=tmp_path / "out"))
@@ -398,7 +427,7 @@ def test_pretrain_corpus_namespaces_keys_and_drops_items_without_text(tmp_path, 
     # "1" exists in both datasets under the same key: namespacing keeps them apart
     lab = lcrec_dataset(tmp_path, "lab", {"w": [1, 0, 1], "x": [0, 2, 0]}, {"0": text, "1": text, "2": blank})
     dev = lcrec_dataset(tmp_path, "dev", {"y": [5, 6, 5]}, {"5": text, "6": text})
-    stats = run(PretrainCorpus(sources=(shop, lab), dev=dev, out=tmp_path / "corpus"))
+    stats = run(PretrainCorpus(sources=(shop, lab), dev=dev, out=tmp_path / "corpus", include_eval_targets=True))
     out = tmp_path / "corpus"
     train = json.loads((out / "train.json").read_text())
     # shop/v loses item "1" and is left with one item, too short for a pre-training pair
@@ -413,17 +442,17 @@ def test_pretrain_corpus_namespaces_keys_and_drops_items_without_text(tmp_path, 
 
 
 
-def test_pretrain_corpus_train_only_leaves_out_validation_and_test_targets(tmp_path):
+def test_pretrain_corpus_leaves_out_validation_and_test_targets_by_default(tmp_path):
     text = {"title": "t", "brand": "b", "categories": "c"}
     long = lcrec_dataset(tmp_path, "long", {"u": [0, 1, 2, 3, 0], "v": [3, 2, 1]}, {str(i): text for i in range(4)})
     dev = lcrec_dataset(tmp_path, "dev", {"y": [5, 6, 5, 6]}, {"5": text, "6": text})
-    run(PretrainCorpus(sources=(long,), dev=dev, out=tmp_path / "corpus", train_only=True))
+    run(PretrainCorpus(sources=(long,), dev=dev, out=tmp_path / "corpus"))
     # training parts: long/u -> [0, 1, 2]; long/v -> [3], too short; dev/y -> [5, 6]
     assert json.loads((tmp_path / "corpus" / "train.json").read_text()) == [["long/0", "long/1", "long/2"]]
     assert json.loads((tmp_path / "corpus" / "dev.json").read_text()) == [["dev/5", "dev/6"]]
     short = lcrec_dataset(tmp_path, "short", {"u": [0, 1, 2]}, {str(i): text for i in range(3)})
     with pytest.raises(DatasetError, match="training part of the corpus is empty"):
-        run(PretrainCorpus(sources=(short,), dev=dev, out=tmp_path / "corpus2", train_only=True))
+        run(PretrainCorpus(sources=(short,), dev=dev, out=tmp_path / "corpus2"))
     assert not (tmp_path / "corpus2").exists()
 
 

@@ -18,6 +18,7 @@ from conftest import REPO, SHARED_DATA
 
 import pretrain_recformer as P
 from common.data import DatasetError
+from common.run import OutputError
 
 PYTHON = sys.executable
 WINDOW = 4  # items per corpus sequence: short sequences keep every encoder pass cheap
@@ -245,8 +246,10 @@ def test_bad_corpus_fails_with_one_line_naming_the_file(tmp_path):
 
 def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(P.InputError, match="--resume"):
+    with pytest.raises(OutputError, match="--overwrite"):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path))
+    with pytest.raises(P.InputError, match="exclude each other"):
+        P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True, overwrite=True))
     with pytest.raises(P.InputError, match="deepspeed/latest"):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path / "elsewhere", resume=True))
 
