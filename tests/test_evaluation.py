@@ -168,5 +168,5 @@ def test_negatives_are_uniform(small_data):
 
 
 def test_too_few_unseen_items_is_an_error(small_data):
-    with pytest.raises(ValueError, match="fewer than"):
+    with pytest.raises(ValueError, match="never interacted"):
         sample_negatives(small_data, small_data.num_items)
