@@ -163,3 +163,26 @@ def test_subprocess_exit_and_stderr_match(script, arguments, name, status, input
     assert result.returncode == status
     assert_one_line_error(result.returncode, result.stderr, name)
     assert not (tmp_path / "out").exists()
+
+
+def test_args_built_in_python_are_checked_too():
+    """The checks run when an Args is constructed, so main(Args(...)) never sees a rejected value; a field without
+    a marker accepts anything its type does."""
+    from dataclasses import dataclass
+    from typing import Annotated
+
+    import train_bert4rec
+    from common.cli import Checked, FlagError, Positive, between
+
+    with pytest.raises(FlagError, match=r"^--mask-prob: must be in \(0, 1\] \(got 1.5\)$"):
+        train_bert4rec.Args(mask_prob=1.5)
+
+    @dataclass
+    class Args(Checked):
+        count: Annotated[int, Positive] = 1
+        share: Annotated[float, between(0, 1)] = 0.5
+        free: int = -7
+
+    assert Args(count=3, share=1.0, free=-100).free == -100
+    with pytest.raises(FlagError, match="^--count: "):
+        Args(count=-2)
