@@ -273,7 +273,9 @@ def main(args: Args) -> dict[str, float]:
         table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
-            raise SystemExit(f"error: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")
+            raise SystemExit(
+                f"error: --num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads"
+            )
         model = SASRec(data.num_items, args)
         if table is not None:
             model.item_emb.weight.data.copy_(table)
