@@ -88,7 +88,7 @@ class Args(Checked):
     """Training sequences per forward pass."""
     grad_accum: Annotated[int, Positive] = 8
     """Forward passes per optimiser step."""
-    lr: Annotated[float, Positive] = 5e-5
+    lr: Annotated[float, NonNegative] = 5e-5
     """AdamW peak learning rate."""
     weight_decay: Annotated[float, NonNegative] = 0.0
     """AdamW weight decay (never applied to biases and LayerNorm weights)."""

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
@@ -77,7 +79,7 @@ class Args(Checked):
     """sequences per micro-batch on each process"""
     grad_accum: Annotated[int, Positive] = 8
     """micro-batches per optimizer step"""
-    lr: Annotated[float, Positive] = 5e-5
+    lr: Annotated[float, NonNegative] = 5e-5
     """peak learning rate of AdamW"""
     weight_decay: Annotated[float, NonNegative] = 0.0
     """AdamW weight decay (never on biases and LayerNorm weights)"""
@@ -276,14 +278,18 @@ def zero0_fp32_masters(optimizer) -> dict[int, torch.Tensor]:
     AdamW: `fp32_groups`, one master per parameter) or FP16_Optimizer (fused Adam: `fp32_groups_flat`, one flat
     master per group); `fp16_groups` lists the low-precision module parameters in the same order either way.
     """
-    masters = {}
-    for index, group in enumerate(getattr(optimizer, "fp16_groups", [])):
-        if hasattr(optimizer, "fp32_groups"):
-            group_masters = optimizer.fp32_groups[index]
-        else:
-            group_masters = _unflatten_dense_tensors(optimizer.fp32_groups_flat[index], group)
-        masters.update({id(param): master for param, master in zip(group, group_masters)})
-    return masters
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        per_group = optimizer.fp32_groups
+    elif isinstance(optimizer, FP16_Optimizer):
+        per_group = [_unflatten_dense_tensors(flat, group)
+                     for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]  # fmt: skip
+    else:
+        return {}
+    return {
+        id(param): master
+        for group, masters in zip(optimizer.fp16_groups, per_group)
+        for param, master in zip(group, masters)
+    }
 
 
 def consolidated_fp32_state(engine, frozen: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:

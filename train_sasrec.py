@@ -66,7 +66,7 @@ class Args(Checked):
     """Stop after this many validations without a new best NDCG@10."""
     batch_size: Annotated[int, Positive] = 128
     """Training sequences per optimiser step."""
-    lr: Annotated[float, Positive] = 1e-4
+    lr: Annotated[float, NonNegative] = 1e-4
     """Adam learning rate (betas 0.9, 0.98 as in the paper)."""
     hidden_size: Annotated[int | None, Positive] = None
     """Width d of item vectors and of the transformer; default 768 (the paper), or with --init-type plm the
