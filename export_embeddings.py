@@ -8,6 +8,10 @@ paper's variant:
     pre-trained Recformer (pretrain_recformer.py output)               -> "pretrain"
     <finetune_recformer.py out>/stage1                                 -> "finetune"
 
+Precision: the encoder runs under the same autocast as the run that wrote the checkpoint (`--dtype` in the
+config.json of the checkpoint's parent, a fine-tuning or pre-training run directory), so the table equals the one
+fine-tuning trained stage 2 against; elsewhere "auto". An explicit --dtype overrides both.
+
 Output: a safetensors file with tensor `item_embeddings` (items + 1, d), row 0 zeros, and metadata naming the dataset
 fingerprint, the checkpoint and the dimension (common/embeddings.py); written atomically.
 
@@ -16,13 +20,15 @@ fingerprint, the checkpoint and the dimension (common/embeddings.py); written at
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, get_args
 
-import tyro
+import torch
 
+from common.cli import Checked, Device, Dtype, NonNegative, OutputFile, Positive, parse
 from common.data import DatasetError, load_dataset
 from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
 from common.recformer import BackboneError, RecformerModel, dataset_item_tokens, encode_items, item_texts, load_backbone
@@ -30,29 +36,42 @@ from common.run import OutputError, check_output_file, precision, resolve_device
 
 
 @dataclass
-class Args:
+class Args(Checked):
     checkpoint: str
     """Weights to encode with: a Recformer checkpoint directory, a Hugging Face Longformer / BERT / RoBERTa directory
     or hub name, the paper's .bin state dict, or "tiny" (random; seeded by --seed)."""
     data: Path = Path("data/synthetic")
     """Dataset directory with item text (written by prepare_data.py)."""
-    out: Path | None = None
+    out: Annotated[Path | None, OutputFile] = None
     """Output file; default <data>/embeddings/plm.safetensors."""
     overwrite: bool = False
     """Replace an existing --out file (by default an existing table is refused, never silently replaced)."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Positive] = 64
     """Items per forward pass (items are sorted by token count, so batches carry little padding)."""
-    device: str = "auto"
+    device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Autocast precision of the encoder; the table is stored as float32 either way."""
-    seed: int = 42
+    dtype: Dtype | None = None
+    """Autocast precision of the encoder ("auto": bfloat16 on CUDA with bf16 support, else float32); default: the
+    --dtype of the run that wrote --checkpoint (its parent's config.json), else auto. The table is stored as
+    float32 either way."""
+    seed: Annotated[int, NonNegative] = 42
     """Seed for the random parts of a converted backbone (new tables, "tiny")."""
 
 
+def run_dtype(checkpoint: str) -> Dtype | None:
+    """The --dtype recorded by the run that wrote `checkpoint` (<run>/config.json beside <run>/stage1 or
+    <run>/best), or None when the checkpoint is not inside such a run directory."""
+    run_config = Path(checkpoint).parent / "config.json"
+    if not Path(checkpoint).is_dir() or not run_config.is_file():
+        return None
+    try:
+        dtype = json.loads(run_config.read_text(encoding="utf-8")).get("dtype")
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object: not a run's config
+        return None
+    return dtype if dtype in get_args(Dtype) else None
+
+
 def main(args: Args) -> None:
-    if args.batch_size < 1:
-        raise SystemExit("error: --batch-size must be at least 1")
     seed_everything(args.seed)
     device = resolve_device(args.device)
     out = args.out or default_embeddings_path(args.data)
@@ -65,7 +84,9 @@ def main(args: Args) -> None:
         raise SystemExit(f"error: {error}") from None
     encoder.to(device)
     began = time.time()
-    dtype = precision(args.dtype, device)
+    dtype_name = args.dtype or run_dtype(args.checkpoint) or "auto"
+    dtype = precision(dtype_name, device)
+    print(f"encoding under --dtype {dtype_name} ({dtype or torch.float32} on {device})")
     table = encode_items(encoder, tokens, batch_size=args.batch_size, device=device, autocast_dtype=dtype)
     seconds = time.time() - began
     save_item_embeddings(out, table, data, args.checkpoint)
@@ -73,4 +94,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args))

@@ -30,16 +30,16 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated
 
 import numpy as np
 import torch
-import tyro
 from safetensors.torch import load_file
 
+from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, parse
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, load_item_embeddings, save_item_embeddings
-from common.evaluation import evaluate, require_users
+from common.evaluation import check_sample_size, evaluate, require_users, result_line
 from common.recformer import (
     BackboneError,
     ItemTokens,
@@ -72,31 +72,31 @@ TABLE_FILE = "item_table.safetensors"
 
 
 @dataclass
-class Args:
+class Args(Checked):
     data: Path = Path("data/synthetic")
     """Dataset directory with item text (written by prepare_data.py)."""
     backbone: str = "tiny"
     """Starting weights: a Recformer checkpoint directory (pretrain_recformer.py output), a Hugging Face Longformer /
     BERT / RoBERTa directory or hub name, the paper's .bin state dict, or "tiny" (small random model for demos)."""
-    out: Path | None = None
+    out: Annotated[Path | None, OutputDir] = None
     """Run directory; default runs/finetune/<dataset>-<tag>-<timestamp>/."""
     overwrite: bool = False
     """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
     tag: str = "recformer"
     """Name part of the default run directory."""
-    epochs: int = 16
+    epochs: Annotated[int, Positive] = 16
     """Maximum epochs of each stage."""
-    patience: int = 5
+    patience: Annotated[int, Positive] = 5
     """A stage stops after this many validations without a new best NDCG@10."""
-    batch_size: int = 16
+    batch_size: Annotated[int, Positive] = 16
     """Training sequences per forward pass."""
-    grad_accum: int = 8
+    grad_accum: Annotated[int, Positive] = 8
     """Forward passes per optimiser step."""
-    lr: float = 5e-5
+    lr: Annotated[float, NonNegative] = 5e-5
     """AdamW peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NonNegative] = 0.0
     """AdamW weight decay (never applied to biases and LayerNorm weights)."""
-    warmup_steps: int = 100
+    warmup_steps: Annotated[int, NonNegative] = 100
     """Optimiser steps of linear warm-up before the linear decay to zero at the end of the stage."""
     finetune_negatives: int = 0
     """Random negatives per example for sampled softmax; <= 0 uses softmax over all items (the paper's script)."""
@@ -104,15 +104,15 @@ class Args:
     """Keep the word-embedding table frozen."""
     sample_size: int = 100
     """Negatives per user in evaluation (the paper's Recformer runs use 100); <= 0 ranks against every item."""
-    eval_batch_size: int = 64
+    eval_batch_size: Annotated[int, Positive] = 64
     """Users per evaluation batch."""
-    encode_batch_size: int = 64
+    encode_batch_size: Annotated[int, Positive] = 64
     """Items per batch when encoding the item table."""
-    seed: int = 42
+    seed: Annotated[int, NonNegative] = 42
     """Seed for initialisation, example positions and batch order."""
-    device: str = "auto"
+    device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     """Autocast precision; "auto" is bfloat16 on CUDA with bf16 support, else float32. float16 uses loss scaling."""
 
 
@@ -229,7 +229,8 @@ class Trainer:
             val = self.evaluate("val")
             record = {"stage": stage, "epoch": epoch, "train_loss": loss, "train_seconds": seconds, **val}
             append_jsonl(run_dir / "metrics.jsonl", {**record, "item_table": table_fingerprint(self.model.item_table)})
-            print(f"stage {stage} epoch {epoch}: loss {loss:.4f}, val {BEST_METRIC} {val[BEST_METRIC]:.4f}")
+            print(f"stage {stage} epoch {epoch}: loss {loss:.4f}, val ({val['protocol']}) {BEST_METRIC} "
+                  f"{val[BEST_METRIC]:.4f}")
             if stopper.update(val[BEST_METRIC]):
                 self.save(run_dir / f"stage{stage}")
             if stopper.should_stop:
@@ -238,13 +239,12 @@ class Trainer:
 
 
 def main(args: Args) -> None:
-    if args.epochs < 1 or args.batch_size < 1 or args.grad_accum < 1:
-        raise SystemExit("error: --epochs, --batch-size and --grad-accum must be at least 1")
     seed_everything(args.seed)
     try:
         check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
         require_users(data, "val", "test")
+        check_sample_size(data, args.sample_size)
         model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))
         trainer = Trainer(args, data, model, tokenizer)
     except (DatasetError, BackboneError, EmbeddingFileError, OutputError) as error:
@@ -257,7 +257,7 @@ def main(args: Args) -> None:
     trainer.refresh_table()
     untrained = trainer.evaluate("val")
     append_jsonl(run_dir / "metrics.jsonl", {"stage": 0, "epoch": 0, **untrained})
-    print(f"untrained: val {BEST_METRIC} {untrained[BEST_METRIC]:.4f}")
+    print(f"untrained: val ({untrained['protocol']}) {BEST_METRIC} {untrained[BEST_METRIC]:.4f}")
 
     best1 = trainer.run_stage(1, run_dir, refresh_every_epoch=True)
     trainer.load(run_dir / "stage1")
@@ -268,8 +268,8 @@ def main(args: Args) -> None:
     trainer.load(run_dir / f"stage{stage}")
     test = trainer.evaluate("test")
     write_json_atomic(run_dir / "test_metrics.json", {**test, "stage": stage, f"val_{BEST_METRIC}": max(best1, best2)})
-    print(f"test (stage {stage} model): {BEST_METRIC} {test[BEST_METRIC]:.4f}, HR@10 {test['HR@10']:.4f}")
+    print(result_line(f"test, stage {stage} model", test))
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args))

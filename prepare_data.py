@@ -31,6 +31,7 @@ from typing import Annotated, Union
 import numpy as np
 import tyro
 
+from common.cli import Checked, NonNegative, Positive, parse
 from common.data import (
     PAD,
     DatasetError,
@@ -54,7 +55,7 @@ AMAZON_2018_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_v2"
 
 
 @dataclass
-class Synthetic:
+class Synthetic(Checked):
     """Generate the built-in SYNTHETIC dataset: invented items and users whose behaviour follows latent topics that
     also shape the item text, so that text-based item vectors have real signal to find. Not real data."""
 
@@ -62,16 +63,16 @@ class Synthetic:
     """output dataset directory"""
     overwrite: bool = False
     """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
-    users: int = 2000
+    users: Annotated[int, Positive] = 2000
     """number of users"""
-    items: int = 500
+    items: Annotated[int, Positive] = 500
     """number of items in the catalogue (an item no user happens to visit is left out of the dataset)"""
-    seed: int = 0
+    seed: Annotated[int, NonNegative] = 0
     """seed of the generator (same seed, same dataset)"""
 
 
 @dataclass
-class Amazon:
+class Amazon(Checked):
     """Import raw Amazon Review Data 2018 files (a 5-core review file and its category's meta file), as the paper's
     processing does: items need a title; attributes title, brand, category; sequences sorted by review time."""
 
@@ -89,12 +90,12 @@ class Amazon:
     """host of the Amazon 2018 files (categoryFilesSmall/<category>_5.json.gz, metaFiles2/meta_<category>.json.gz)"""
     download_dir: Path = Path("data/raw")
     """where downloaded files are kept (an existing file is reused, not fetched again)"""
-    min_user_interactions: int = 4
+    min_user_interactions: Annotated[int, Positive] = 4
     """drop users with fewer interactions (after dropping items without a title); 4 as in the paper's data"""
 
 
 @dataclass
-class Recformer:
+class Recformer(Checked):
     """Re-write a directory in Recformer's processed layout (e.g. from the original `finetune_data/process.py`,
     0-based ids) validated and normalized: 1-based ids renumbered by first appearance, stats.json."""
 
@@ -107,7 +108,7 @@ class Recformer:
 
 
 @dataclass
-class Lcrec:
+class Lcrec(Checked):
     """Import LC-Rec json (`X.inter.json` {user index: [item index, ...]} in time order, `X.item.json`
     {item index: {title, description, brand, categories}}). Attributes kept: title, brand, category (the
     comma-separated categories joined by spaces, as in the Amazon import); the long description is left out."""
@@ -123,7 +124,7 @@ class Lcrec:
 
 
 @dataclass
-class Unisrec:
+class Unisrec(Checked):
     """Import UniSRec/RecBole atomic files: `N.train.inter` (one row per training prefix), `N.valid.inter`,
     `N.test.inter`, `N.text`, `N.item2index`, `N.user2index`. Full sequences are rebuilt exactly: the training
     prefixes chained into one sequence, then the validation target, then the test target. Item text: one attribute
@@ -140,7 +141,7 @@ class Unisrec:
 
 
 @dataclass
-class Recbole:
+class Recbole(Checked):
     """Import RecBole atomic files: `N.inter` (user_id, item_id, timestamp columns; others ignored) and, when present,
     `N.item` whose other columns become the item's attributes in file order (ml-100k: movie_title, release_year,
     class). Sequences are sorted by timestamp, file order on ties. Without `N.item` the dataset is ID-only."""
@@ -156,7 +157,7 @@ class Recbole:
 
 
 @dataclass
-class PretrainCorpus:
+class PretrainCorpus(Checked):
     """Build a pre-training corpus in the paper's layout (`train.json` and `dev.json`: lists of item-key sequences
     in time order; `meta_data.json`) from dataset directories, the way Recformer's corpus joined several Amazon
     categories for training and held one out for validation. Item keys become `<dataset name>/<key>` so ids never
@@ -713,6 +714,6 @@ def run(args: Command) -> dict:
 
 if __name__ == "__main__":
     try:
-        run(tyro.cli(Command))
+        run(parse(Command))
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None

@@ -25,18 +25,22 @@ import shutil
 import socket
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import safe_get_full_fp32_param
+from torch._utils import _unflatten_dense_tensors
 
+from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, between, parse
 from common.data import DatasetError, item_attributes, read_json
 from common.masking import whole_word_mask
 from common.recformer import (
@@ -52,17 +56,17 @@ from common.recformer import (
     save_checkpoint,
     to_device,
 )
-from common.run import OutputError, append_jsonl, check_run_dir, create_run_dir, progress, save_atomic
+from common.run import OutputError, append_jsonl, check_run_dir, create_run_dir, precision, progress, save_atomic
 
 
 @dataclass
-class Args:
+class Args(Checked):
     data: Path = Path("data/corpus")
     """corpus directory with train.json, dev.json and meta_data.json (`prepare_data.py pretrain-corpus` builds one)"""
     backbone: str = "tiny"
     """model to start from: any form `common/recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder, Recformer
     checkpoint directory, the paper's .bin files, or `tiny`)"""
-    out: Path | None = None
+    out: Annotated[Path | None, OutputDir] = None
     """run directory (default runs/pretrain/<corpus>-<backbone>-<timestamp>)"""
     overwrite: bool = False
     """empty a non-empty --out first (by default it is refused, so no run mixes with another; see --resume)"""
@@ -70,42 +74,41 @@ class Args:
     """continue the run in --out from its latest DeepSpeed checkpoint, exactly where it stopped"""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also the parameters"""
-    bf16: bool = False
-    """train in bfloat16 (fp32 master weights kept by DeepSpeed)"""
-    fp16: bool = False
-    """train in float16 with dynamic loss scaling (CUDA only)"""
-    batch_size: int = 16
+    dtype: Dtype = "auto"
+    """training precision: "auto" is bfloat16 on CUDA with bf16 support, else float32; bfloat16 and float16 (CUDA
+    only, dynamic loss scaling) run DeepSpeed's mixed precision with fp32 master weights"""
+    batch_size: Annotated[int, Positive] = 16
     """sequences per micro-batch on each process"""
-    grad_accum: int = 8
+    grad_accum: Annotated[int, Positive] = 8
     """micro-batches per optimizer step"""
-    lr: float = 5e-5
+    lr: Annotated[float, NonNegative] = 5e-5
     """peak learning rate of AdamW"""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NonNegative] = 0.0
     """AdamW weight decay (never on biases and LayerNorm weights)"""
-    warmup_steps: int = 100
+    warmup_steps: Annotated[int, NonNegative] = 100
     """optimizer steps of linear warm-up from 0 to --lr; linear decay to 0 follows"""
-    clip_grad: float = 1.0
+    clip_grad: Annotated[float, NonNegative] = 1.0
     """gradient clipping: maximum global gradient norm"""
     offload_optimizer: bool = False
     """keep optimizer states in CPU memory (ZeRO stages 1-3)"""
     fix_word_embedding: bool = False
     """freeze the word-embedding table, as the paper does"""
-    epochs: int = 32
+    epochs: Annotated[int, Positive] = 32
     """passes over train.json"""
-    max_steps: int = 0
+    max_steps: Annotated[int, NonNegative] = 0
     """stop after this many optimizer steps (0: run all epochs); the schedule still spans all epochs, so a stopped
     run resumes exactly"""
-    eval_every: int = 250
+    eval_every: Annotated[int, Positive] = 250
     """optimizer steps between dev evaluations (also evaluated at the end)"""
-    save_every: int = 1000
+    save_every: Annotated[int, Positive] = 1000
     """optimizer steps between DeepSpeed checkpoints (also saved at the end)"""
-    keep_checkpoints: int = 2
+    keep_checkpoints: Annotated[int, Positive] = 2
     """DeepSpeed checkpoints kept in <out>/deepspeed (older ones are deleted)"""
-    mlm_probability: float = 0.15
+    mlm_probability: Annotated[float, between(0, 1, low_open=True, high_open=True)] = 0.15
     """share of each side's text tokens chosen for masked LM, as whole words"""
-    seed: int = 42
+    seed: Annotated[int, NonNegative] = 42
     """seeds the weights of new layers, the data order, the pairs, the masks and dropout"""
-    log_every: int = 10
+    log_every: Annotated[int, Positive] = 10
     """optimizer steps between lines in metrics.jsonl"""
 
 
@@ -270,19 +273,46 @@ def train_step(engine, inputs: tuple, temp: float, mlm_weight: float, world: int
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
+def zero0_fp32_masters(optimizer) -> dict[int, torch.Tensor]:
+    """{id(module parameter): its fp32 master} of DeepSpeed's ZeRO-0 mixed-precision optimizers ({} otherwise).
+
+    With bf16 or fp16 and ZeRO 0 (DeepSpeed 0.19), the engine wraps the optimizer in FP16_UnfusedOptimizer (torch's
+    AdamW: `fp32_groups`, one master per parameter) or FP16_Optimizer (fused Adam: `fp32_groups_flat`, one flat
+    master per group); `fp16_groups` lists the low-precision module parameters in the same order either way.
+    """
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        per_group = optimizer.fp32_groups
+    elif isinstance(optimizer, FP16_Optimizer):
+        per_group = [_unflatten_dense_tensors(flat, group)
+                     for flat, group in zip(optimizer.fp32_groups_flat, optimizer.fp16_groups)]  # fmt: skip
+    else:
+        return {}
+    return {
+        id(param): master
+        for group, masters in zip(optimizer.fp16_groups, per_group)
+        for param, master in zip(group, masters)
+    }
+
+
 def consolidated_fp32_state(engine, frozen: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     """The Recformer's full fp32 weights on rank 0 ({} elsewhere). Collective: every rank must call it.
 
-    DeepSpeed's fp32 master copy is partitioned (ZeRO 1-3) and the module may hold bf16/fp16 copies; frozen tensors
-    have no master copy, so their fp32 values were kept aside before training.
+    DeepSpeed's fp32 master copy is partitioned (ZeRO 1-3) or held by its mixed-precision optimizer (ZeRO 0), and
+    the module may hold bf16/fp16 copies; frozen tensors have no master copy, so their fp32 values were kept aside
+    before training. Never falls back to a low-precision module tensor: that would save rounded weights as fp32.
     """
     state, full_of = {}, {}
+    zero0_masters = zero0_fp32_masters(engine.optimizer)
     for name, param in engine.module.model.named_parameters(remove_duplicate=False):
         if id(param) not in full_of:
             full = frozen.get(name)
             if full is None:
                 full = safe_get_full_fp32_param(param)  # gathers across ranks under ZeRO 1-3
             if full is None:
+                full = zero0_masters.get(id(param))
+            if full is None:
+                if param.dtype != torch.float32:
+                    raise RuntimeError(f"{name}: no fp32 master copy found for this {param.dtype} parameter")
                 full = param.detach()  # ZeRO 0 without mixed precision: the parameter is its own master copy
             full_of[id(param)] = full.float().cpu().clone() if rank == 0 else None
         if rank == 0:
@@ -321,6 +351,39 @@ def save_deepspeed(engine, directory: Path, step: int, client_state: dict, keep:
     dist.barrier()
 
 
+def step_problem(step: Path) -> str | None:
+    """What makes DeepSpeed checkpoint directory `step` unusable (missing, no model states, a truncated file), or
+    None. Every file DeepSpeed writes with torch.save is a zip archive whose directory sits at its end, so a file
+    cut short by a crash or a full disk no longer opens as one."""
+    if not step.is_dir():
+        return "is missing"
+    if not (step / "mp_rank_00_model_states.pt").is_file():
+        return "has no mp_rank_00_model_states.pt"
+    for file in sorted(step.glob("*.pt")):
+        try:
+            zipfile.ZipFile(file).close()
+        except (zipfile.BadZipFile, OSError):
+            return f"has a truncated or unreadable {file.name}"
+    return None
+
+
+def resume_step(directory: Path) -> str:
+    """The tag of the checkpoint --resume continues from: the one `latest` names, else (it is missing or broken)
+    the newest intact step, said on stdout. InputError, naming each broken step, when none is intact."""
+    latest = directory / "latest"
+    named = [latest.read_text(encoding="utf-8").strip()] if latest.is_file() else []
+    newest_first = sorted((p.name for p in directory.glob("step*") if p.is_dir()), reverse=True)
+    problems = []
+    for tag in dict.fromkeys(named + newest_first):
+        problem = step_problem(directory / tag)
+        if problem is None:
+            if problems:
+                print(f"resume: {'; '.join(problems)}; continuing from {directory / tag}")
+            return tag
+        problems.append(f"{directory / tag} {problem}")
+    raise InputError(f"{directory}: no intact checkpoint to resume from ({'; '.join(problems) or 'none saved'})")
+
+
 # ----------------------------------------------------------------------------------------------------------- setup
 
 DEV_STREAM, MASK_STREAM = 1_000_003, 1_000_033  # keys that keep the dev and masking random streams apart
@@ -343,7 +406,7 @@ def epoch_plan(seed: int, epoch: int, size: int) -> tuple[np.ndarray, np.ndarray
 def parse_args() -> Args:
     # The deepspeed launcher appends --local_rank=N; the same value is in the LOCAL_RANK environment variable.
     argv = [arg for arg in sys.argv[1:] if not re.fullmatch(r"--local[-_]rank=\d+", arg)]
-    return tyro.cli(Args, args=argv)
+    return parse(Args, args=argv)
 
 
 def free_port() -> int:
@@ -373,7 +436,8 @@ def fused_adam_builds() -> bool:
     return get_accelerator().device_name() == "cuda" and FusedAdamBuilder().is_compatible(verbose=False)
 
 
-def deepspeed_config(args: Args, world: int, total_steps: int) -> dict:
+def deepspeed_config(args: Args, world: int, total_steps: int, dtype: torch.dtype | None) -> dict:
+    """DeepSpeed's configuration; dtype is the training precision (None: float32)."""
     torch_adam = not fused_adam_builds()
     zero: dict = {"stage": args.zero_stage}
     if args.offload_optimizer:
@@ -397,8 +461,8 @@ def deepspeed_config(args: Args, world: int, total_steps: int) -> dict:
         "zero_optimization": zero,
         # DeepSpeed's CPU Adam is a compiled op; torch's AdamW runs on offloaded states as well.
         "zero_force_ds_cpu_optimizer": not torch_adam,
-        "bf16": {"enabled": args.bf16},
-        "fp16": {"enabled": args.fp16},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 2**31 - 1,
     }
 
@@ -549,12 +613,13 @@ def train(run: Run, engine, state: dict) -> None:
 
 def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     """Set up, train; returns the run directory and the engine (tests read each rank's weights from it)."""
-    if args.bf16 and args.fp16:
-        raise InputError("--bf16 and --fp16 exclude each other")
+    if args.dtype == "float16" and not torch.cuda.is_available():
+        raise InputError("--dtype float16: DeepSpeed's float16 training needs CUDA; use bfloat16 on the CPU")
     if args.resume and args.overwrite:
         raise InputError("--resume and --overwrite exclude each other")
-    if args.resume and (args.out is None or not (args.out / "deepspeed" / "latest").exists()):
-        raise InputError(f"{args.out}: --resume needs --out, a run directory holding deepspeed/latest")
+    if args.resume and (args.out is None or not (args.out / "deepspeed").is_dir()):
+        raise InputError(f"{args.out}: --resume needs --out, a run directory holding deepspeed/")
+    resume_tag = resume_step(args.out / "deepspeed") if args.resume else None
     if not args.resume:
         check_run_dir(args.out, args.overwrite, args)
     corpus = load_corpus(args.data)  # before any process group: a bad corpus fails fast
@@ -584,11 +649,11 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     engine, *_ = deepspeed.initialize(
         model=PretrainingPasses(model),
         model_parameters=parameter_groups(model, args.weight_decay),
-        config=deepspeed_config(args, world, total_steps),
+        config=deepspeed_config(args, world, total_steps, precision(args.dtype, device)),
     )
     state = {"micro_step": 0, "best_accuracy": -1.0}
     if args.resume:
-        _, client_state = engine.load_checkpoint(str(out / "deepspeed"))
+        _, client_state = engine.load_checkpoint(str(out / "deepspeed"), tag=resume_tag)
         state.update({key: client_state[key] for key in state})
         print(f"resumed from step {state['micro_step'] // args.grad_accum}")
     stop_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps

@@ -26,22 +26,23 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-import tyro
 from einops import rearrange
 from torch import nn
 
+from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, at_least, between, parse
 from common.data import PAD, DatasetError, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
-from common.evaluation import Scorer, evaluate, require_users
+from common.evaluation import Scorer, check_sample_size, evaluate, require_users, result_line
 from common.run import (
     OutputError,
     autocast,
     check_run_dir,
     create_run_dir,
+    precision,
     progress,
     resolve_device,
     seed_everything,
@@ -52,10 +53,10 @@ LAST_ONLY_PROB = 0.09  # the paper's code masks only the newest item of this sha
 
 
 @dataclass
-class Args:
+class Args(Checked):
     data: Path = Path("data/synthetic")
     """Dataset directory (written by prepare_data.py)."""
-    out: Path | None = None
+    out: Annotated[Path | None, OutputDir] = None
     """Run directory; default runs/bert4rec/<dataset>-<init-type>-<timestamp>/."""
     overwrite: bool = False
     """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
@@ -69,39 +70,39 @@ class Args:
     """Keep a PLM-initialised token table fixed, as the paper does; ignored with --init-type none."""
     sample_size: int = 100
     """Negatives per user in evaluation (the paper uses 100); <= 0 ranks the target against every item."""
-    mask_prob: float = 0.15
+    mask_prob: Annotated[float, between(0, 1, low_open=True)] = 0.15
     """Probability that a training position is chosen for prediction."""
-    epochs: int = 200
+    epochs: Annotated[int, Positive] = 200
     """Maximum number of passes over the training users."""
-    patience: int = 10
+    patience: Annotated[int, Positive] = 10
     """Stop after this many validations without a new best NDCG@10."""
-    batch_size: int = 256
+    batch_size: Annotated[int, Positive] = 256
     """Training sequences per optimiser step."""
-    lr: float = 1e-4
+    lr: Annotated[float, NonNegative] = 1e-4
     """Adam learning rate."""
-    hidden_size: int | None = None
+    hidden_size: Annotated[int | None, Positive] = None
     """Width d of item vectors and of the transformer; default 768 (the paper), or with --init-type plm the
     embedding file's dimension (768 for the paper's Longformer)."""
-    num_blocks: int = 2
+    num_blocks: Annotated[int, Positive] = 2
     """Number of transformer blocks."""
-    num_heads: int = 4
+    num_heads: Annotated[int, Positive] = 4
     """Attention heads per block."""
-    dropout: float = 0.1
+    dropout: Annotated[float, between(0, 1, high_open=True)] = 0.1
     """Dropout on embeddings, attention weights, sublayer outputs and block outputs."""
-    max_len: int = 50
-    """Sequence window, including the appended mask token at evaluation."""
-    seed: int = 42
+    max_len: Annotated[int, at_least(2)] = 50
+    """Sequence window, including the appended mask token at evaluation (so at least 2)."""
+    seed: Annotated[int, NonNegative] = 42
     """Seed for initialisation, batch order and masking."""
-    device: str = "auto"
+    device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute precision; bfloat16 runs the model under autocast (use it on CUDA)."""
+    dtype: Dtype = "auto"
+    """Autocast precision; "auto" is bfloat16 on CUDA with bf16 support, else float32. float16 uses loss scaling."""
     compile: bool = False
     """Compile the model with torch.compile."""
-    chunk_rows: int = 16
+    chunk_rows: Annotated[int, Positive] = 16
     """Batches are sorted by sequence length and run in chunks of this many rows, each trimmed to its longest
     sequence, so padding costs (almost) no compute; a value >= the batch size runs one batch (trimmed)."""
-    eval_batch_size: int = 1024
+    eval_batch_size: Annotated[int, Positive] = 1024
     """Users per evaluation batch."""
 
 
@@ -226,16 +227,17 @@ def make_scorer(
 def main(args: Args) -> dict[str, float]:
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    if args.max_len < 2:
-        raise SystemExit("error: --max-len must be at least 2 (one history item and the mask token)")
     try:
         check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
         require_users(data, "val", "test")
+        check_sample_size(data, args.sample_size)
         table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
-            raise SystemExit(f"error: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")
+            raise SystemExit(
+                f"error: --num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads"
+            )
         model = BERT4Rec(data.num_items, args)
         if table is not None:
             mask_row = table.new_zeros(1, table.shape[1])  # the paper gives the mask token a zero vector
@@ -247,6 +249,7 @@ def main(args: Args) -> dict[str, float]:
     sequences = torch.from_numpy(data.train_matrix(args.max_len)).to(device)  # (U, max_len) left-padded
     encode = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(args.out, "bert4rec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(sequences)} training sequences, {data.num_items} items, run {run_dir}")
 
@@ -260,8 +263,9 @@ def main(args: Args) -> dict[str, float]:
             if loss is None:
                 continue
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total += loss.detach()
             steps += 1
             if steps % 10 == 0:  # reading the loss waits for the device, so not every step
@@ -282,9 +286,9 @@ def main(args: Args) -> dict[str, float]:
         )
 
     test = train_with_early_stopping(model, train_epoch, evaluate_split, run_dir, args.epochs, args.patience)
-    print("test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "users"))
+    print(result_line("test", test))
     return test
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args))

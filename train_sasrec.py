@@ -25,23 +25,24 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from einops import rearrange
 from torch import nn
 
+from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
-from common.evaluation import Scorer, evaluate, require_users
+from common.evaluation import Scorer, check_sample_size, evaluate, require_users, result_line
 from common.run import (
     OutputError,
     autocast,
     check_run_dir,
     create_run_dir,
+    precision,
     progress,
     resolve_device,
     seed_everything,
@@ -50,10 +51,10 @@ from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_
 
 
 @dataclass
-class Args:
+class Args(Checked):
     data: Path = Path("data/synthetic")
     """Dataset directory (written by prepare_data.py)."""
-    out: Path | None = None
+    out: Annotated[Path | None, OutputDir] = None
     """Run directory; default runs/sasrec/<dataset>-<init-type>-<timestamp>/."""
     overwrite: bool = False
     """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
@@ -65,41 +66,42 @@ class Args:
     """"pca" reduces PLM vectors wider than --hidden-size by PCA over the items; "none" requires equal sizes."""
     freeze_embeddings: bool = False
     """Keep a PLM-initialised item table fixed (the paper trains it); ignored with --init-type none."""
-    sample_size: int = -1
-    """Negatives per user in evaluation (the paper uses 100 or -1); <= 0 ranks the target against every item."""
+    sample_size: int = 100
+    """Negatives per user in evaluation (the paper uses 100 or -1; 100 in every stage); <= 0 ranks the target
+    against every item."""
     loss: Literal["auto", "bce", "ce"] = "auto"
     """"bce": one sampled negative per position; "ce": softmax over all items; "auto": bce if --sample-size > 0."""
-    epochs: int = 200
+    epochs: Annotated[int, Positive] = 200
     """Maximum number of passes over the training users."""
-    patience: int = 10
+    patience: Annotated[int, Positive] = 10
     """Stop after this many validations without a new best NDCG@10."""
-    batch_size: int = 128
+    batch_size: Annotated[int, Positive] = 128
     """Training sequences per optimiser step."""
-    lr: float = 1e-4
+    lr: Annotated[float, NonNegative] = 1e-4
     """Adam learning rate (betas 0.9, 0.98 as in the paper)."""
-    hidden_size: int | None = None
+    hidden_size: Annotated[int | None, Positive] = None
     """Width d of item vectors and of the transformer; default 768 (the paper), or with --init-type plm the
     embedding file's dimension (768 for the paper's Longformer)."""
-    num_blocks: int = 2
+    num_blocks: Annotated[int, Positive] = 2
     """Number of self-attention blocks."""
-    num_heads: int = 1
+    num_heads: Annotated[int, Positive] = 1
     """Attention heads per block."""
-    dropout: float = 0.5
+    dropout: Annotated[float, between(0, 1, high_open=True)] = 0.5
     """Dropout on embeddings, attention weights and feed-forward layers."""
-    max_len: int = 50
+    max_len: Annotated[int, Positive] = 50
     """Most recent items a sequence keeps."""
-    seed: int = 42
+    seed: Annotated[int, NonNegative] = 42
     """Seed for initialisation, batch order and negatives."""
-    device: str = "auto"
+    device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute precision; bfloat16 runs the model under autocast (use it on CUDA)."""
+    dtype: Dtype = "auto"
+    """Autocast precision; "auto" is bfloat16 on CUDA with bf16 support, else float32. float16 uses loss scaling."""
     compile: bool = False
     """Compile the model with torch.compile."""
-    chunk_rows: int = 16
+    chunk_rows: Annotated[int, Positive] = 16
     """Batches are sorted by sequence length and run in chunks of this many rows, each trimmed to its longest
     sequence, so padding costs (almost) no compute; a value >= the batch size runs one batch (trimmed)."""
-    eval_batch_size: int = 1024
+    eval_batch_size: Annotated[int, Positive] = 1024
     """Users per evaluation batch."""
 
 
@@ -278,12 +280,15 @@ def main(args: Args) -> dict[str, float]:
         check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
         require_users(data, "val", "test")
+        check_sample_size(data, args.sample_size)
         users, inputs, targets = next_item_pairs(data, args.max_len)
         history_keys = training_history_keys(data).to(device) if loss_name == "bce" else None
         table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
-            raise SystemExit(f"error: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")
+            raise SystemExit(
+                f"error: --num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads"
+            )
         model = SASRec(data.num_items, args)
         if table is not None:
             model.item_emb.weight.data.copy_(table)
@@ -296,6 +301,7 @@ def main(args: Args) -> dict[str, float]:
     users, inputs, targets = users.to(device), inputs.to(device), targets.to(device)
     encode = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(args.out, "sasrec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(users)} training sequences, {data.num_items} items, loss {loss_name}, run {run_dir}")
 
@@ -310,8 +316,9 @@ def main(args: Args) -> dict[str, float]:
                     model, encode, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total += loss.detach()
             if step % 10 == 0:  # reading the loss waits for the device, so not every step
                 bar.set_postfix(loss=f"{float(total) / step:.4f}")
@@ -331,9 +338,9 @@ def main(args: Args) -> dict[str, float]:
         )
 
     test = train_with_early_stopping(model, train_epoch, evaluate_split, run_dir, args.epochs, args.patience)
-    print("test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "users"))
+    print(result_line("test", test))
     return test
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args))

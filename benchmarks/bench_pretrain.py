@@ -88,8 +88,7 @@ def measure(args: Args, corpus: Path, backbone: str, stage: int, offload: bool, 
         "--batch-size", str(args.batch_size), "--grad-accum", "1", "--max-steps", str(args.steps),
         "--log-every", "1", "--eval-every", str(10**9), "--save-every", str(10**9), *args.extra,
     ]  # fmt: skip
-    if args.bf16:
-        command.append("--bf16")
+    command += ["--dtype", "bfloat16" if args.bf16 else "float32"]
     if offload:
         command.append("--offload-optimizer")
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ, RECSYS_QUIET="1"), capture_output=True, text=True)

@@ -57,7 +57,10 @@ def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise EmbeddingFileError(f"{path}: neither a safetensors file nor a torch-saved tensor ({error})") from None
+            # torch's own message spans lines and advises weights_only=False, which would run arbitrary code
+            raise EmbeddingFileError(
+                f"{path}: neither a safetensors file nor a torch-saved tensor ({type(error).__name__})"
+            ) from None
         if not isinstance(loaded, torch.Tensor):
             raise EmbeddingFileError(f"{path}: torch file holds a {type(loaded).__name__}, expected one tensor")
         return loaded, {}

@@ -26,6 +26,34 @@ def metric_names() -> list[str]:
     return [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS] + ["MRR"]
 
 
+def protocol(sample_size: int) -> str:
+    """The evaluation protocol as results name it: "sampled-100" (100 negatives per user) or "full ranking"."""
+    return f"sampled-{sample_size}" if sample_size > 0 else "full ranking"
+
+
+def result_line(label: str, metrics: dict) -> str:
+    """One printed result: "test (sampled-100): HR@1 0.1234, ..., MRR 0.2345" from an evaluate() dict."""
+    values = ", ".join(f"{name} {metrics[name]:.4f}" for name in metric_names())
+    return f"{label} ({metrics['protocol']}): {values}"
+
+
+def check_sample_size(data: SeqDataset, sample_size: int) -> None:
+    """DatasetError unless every user has at least `sample_size` items it never touched to draw negatives from.
+
+    Checked when a run starts, so an impossible --sample-size never costs an epoch of training first.
+    """
+    if sample_size <= 0:
+        return
+    seen_keys = data.user_item_keys()
+    unseen = data.num_items - np.bincount(seen_keys // (data.num_items + 1), minlength=data.num_users)
+    short = np.flatnonzero(unseen < sample_size)
+    if len(short):
+        raise DatasetError(
+            f"--sample-size: user {data.user_keys[short[0]]!r} of {data.path} has only {unseen[short[0]]} items it "
+            f"never interacted with to draw negatives from; use fewer, or <= 0 for full ranking (got {sample_size})"
+        )
+
+
 def seen_item_mask(data: SeqDataset, rows: np.ndarray, ends: np.ndarray | None = None) -> torch.Tensor:
     """(len(rows), num_items + 1) bool: True for padding and for the items before position `ends` of each row's
     sequence (the whole sequence when `ends` is None)."""
@@ -85,11 +113,8 @@ def require_users(data: SeqDataset, *splits: str) -> None:
 def _draw_unseen_items(data: SeqDataset, n: int, rng: np.random.Generator) -> np.ndarray:
     """Rejection sampling, vectorized over users: the first n distinct unseen items of an i.i.d. uniform stream
     form a uniform sample without replacement. Rows that run short are redrawn with a longer stream."""
+    check_sample_size(data, n)
     seen_keys = data.user_item_keys()
-    distinct_seen = np.bincount(seen_keys // (data.num_items + 1), minlength=data.num_users)
-    short = np.flatnonzero(data.num_items - distinct_seen < n)
-    if len(short):
-        raise ValueError(f"{data.path}: user {data.user_keys[short[0]]!r} has fewer than {n} unseen items to sample")
     negatives = np.zeros((data.num_users, n), dtype=np.int64)
     pending = np.arange(data.num_users)
     stream = 2 * n + 16
@@ -140,7 +165,8 @@ def evaluate(
     exclude_history: bool = False,
     seed: int = NEGATIVE_SEED,
 ) -> dict[str, float]:
-    """Mean HR@k, NDCG@k (k in KS) and MRR over the users of `split`, plus "users" (how many were scored).
+    """Mean HR@k, NDCG@k (k in KS) and MRR over the users of `split`, plus "users" (how many were scored) and
+    "protocol" (see `protocol`).
 
     sample_size > 0 ranks the target against that many cached negatives; <= 0 ranks it against every item.
     exclude_history removes the user's earlier items from full ranking (off by default, as in the paper).
@@ -171,4 +197,4 @@ def evaluate(
             raise ValueError(f"evaluation on {data.path} ({split}): the model produced NaN scores")
         sums += metric_sums(ranks)
     means = (sums / len(rows)).tolist()
-    return {**dict(zip(metric_names(), means)), "users": len(rows)}
+    return {**dict(zip(metric_names(), means)), "users": len(rows), "protocol": protocol(sample_size)}

@@ -538,6 +538,9 @@ def encode_items(
 
 TINY = "tiny"
 ROBERTA_STYLE = {"roberta", "longformer", "xlm-roberta", "camembert", "recformer"}  # positions start at pad + 1
+ENCODER_FAMILIES = {"bert", "electra", *ROBERTA_STYLE} - {"recformer"}  # the BERT layer layout the conversion reads
+ENCODER_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings")  # fmt: skip
 PAPER_PREFIXES = ("_forward_module.model.", "model.")
 SOURCE_HEADS = {  # Hugging Face LM-head names -> Longformer LM head
     "lm_head.dense.": "lm_head.dense.",
@@ -601,11 +604,58 @@ def copy_weights(model: nn.Module, source: Mapping[str, torch.Tensor], origin: s
 
 
 def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights in `directory`; a corrupt or foreign file is a one-line BackboneError naming it."""
     if (directory / "model.safetensors").exists():
-        return load_file(str(directory / "model.safetensors"))
+        file = directory / "model.safetensors"
+        try:
+            return load_file(str(file))
+        except Exception as error:  # noqa: BLE001 -- safetensors' Rust errors share no useful base class
+            raise BackboneError(f"{file}: not a readable safetensors file ({type(error).__name__})") from None
     if (directory / "pytorch_model.bin").exists():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _torch_state_dict(directory / "pytorch_model.bin")
     raise BackboneError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A torch-saved state dict (unwrapped from the paper's {"module": ...}), or a one-line BackboneError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- corrupt or foreign files fail in many ways
+        raise BackboneError(f"{path}: not a torch state dict ({type(error).__name__})") from None
+    if not isinstance(state, Mapping):
+        raise BackboneError(f"{path}: holds a {type(state).__name__}, expected a state dict")
+    return dict(state.get("module", state))
+
+
+def _read_config(file: Path) -> dict:
+    """A config.json as a dict; unreadable, invalid or non-object JSON is a one-line BackboneError naming it."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise BackboneError(f"{file}: cannot read it ({type(error).__name__})") from None
+    except json.JSONDecodeError as error:
+        raise BackboneError(f"{file}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(config, dict):
+        raise BackboneError(f"{file}: holds a JSON {type(config).__name__}, expected an object")
+    return config
+
+
+def _require_sizes(config: Mapping, origin: str | Path) -> None:
+    """A BackboneError unless an encoder `config` holds every size the conversion reads."""
+    missing = [key for key in ENCODER_FIELDS if key not in config]
+    if missing:
+        raise BackboneError(f"{origin}: config has no {', '.join(missing)}")
+
+
+def _check_encoder_config(config: Mapping, origin: str | Path) -> None:
+    """A BackboneError unless `config` describes an encoder family the conversion reads, with every size it needs."""
+    family = config.get("model_type")
+    if family not in ENCODER_FAMILIES:
+        raise BackboneError(
+            f"{origin}: model_type {family!r} is not supported (supported: {', '.join(sorted(ENCODER_FAMILIES))}, "
+            f"or a Recformer checkpoint)"
+        )
+    _require_sizes(config, origin)
 
 
 def _hf_tokenizer(location: str | Path) -> PreTrainedTokenizerFast:
@@ -711,7 +761,8 @@ def _from_hf_encoder(location: str, model_class) -> tuple[nn.Module, RecformerTo
             directory = Path(snapshot_download(location, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"]))
         except Exception as error:  # noqa: BLE001 -- any hub failure means the same thing to the user
             raise BackboneError(f"{location}: not a directory and not downloadable ({type(error).__name__})") from None
-    source_config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    source_config = _read_config(directory / "config.json")
+    _check_encoder_config(source_config, directory / "config.json")
     tokenizer = _hf_tokenizer(directory)
     config = _config_from_source(source_config, tokenizer)
     if source_config.get("model_type") not in ROBERTA_STYLE or config.max_position_embeddings < (
@@ -726,8 +777,12 @@ def _from_hf_encoder(location: str, model_class) -> tuple[nn.Module, RecformerTo
 
 def _from_checkpoint(directory: Path, model_class) -> tuple[nn.Module, RecformerTokenizer]:
     """Case 3: a directory written by save_checkpoint."""
-    config = RecformerConfig.from_pretrained(str(directory))
-    model = model_class(config)
+    try:
+        config = RecformerConfig.from_pretrained(str(directory))
+        model = model_class(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise BackboneError(f"{directory / 'config.json'}: does not describe a Recformer model ({problem})") from None
     copy_weights(model, _read_state_dict(directory), str(directory), {})
     return model, RecformerTokenizer(_hf_tokenizer(directory), config)
 
@@ -735,19 +790,13 @@ def _from_checkpoint(directory: Path, model_class) -> tuple[nn.Module, Recformer
 def _from_paper_file(path: Path, model_class) -> tuple[nn.Module, RecformerTokenizer]:
     """Case 4: the paper's torch-saved state dicts, with config and tokenizer from the file's folder or the hub."""
     base = path.parent if (path.parent / "config.json").exists() else "allenai/longformer-base-4096"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 -- corrupt or foreign files fail in many ways
-        raise BackboneError(f"{path}: not a torch state dict ({type(error).__name__})") from None
-    if not isinstance(state, Mapping):
-        raise BackboneError(f"{path}: holds a {type(state).__name__}, expected a state dict")
-    state = dict(state.get("module", state))
+    state = _torch_state_dict(path)
+    # Checked before the config and tokenizer, which may come from the hub: a wrong file fails at once.
+    if not any(name.endswith("embeddings.word_embeddings.weight") for name in state):
+        raise BackboneError(f"{path}: no word_embeddings tensor; not a Recformer/Longformer state dict")
     tokenizer = _hf_tokenizer(base)
     source_config = _base_config(base)
     config = _config_from_source(source_config, tokenizer)
-    words = next((t for n, t in state.items() if n.endswith("embeddings.word_embeddings.weight")), None)
-    if words is None:
-        raise BackboneError(f"{path}: no word_embeddings tensor; not a Recformer/Longformer state dict")
     model = model_class(config)
     copy_weights(model, _paper_names(state), str(path), {})
     return model, RecformerTokenizer(tokenizer, config)
@@ -755,7 +804,9 @@ def _from_paper_file(path: Path, model_class) -> tuple[nn.Module, RecformerToken
 
 def _base_config(base: str | Path) -> dict:
     if isinstance(base, Path):
-        return json.loads((base / "config.json").read_text(encoding="utf-8"))
+        config = _read_config(base / "config.json")
+        _require_sizes(config, base / "config.json")
+        return config
     try:
         return AutoConfig.from_pretrained(base).to_dict()
     except OSError as error:
@@ -825,7 +876,7 @@ def load_backbone(
         config_file = path / "config.json"
         if not config_file.exists():
             raise BackboneError(f"{path}: no config.json; not a model directory")
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        model_type = _read_config(config_file).get("model_type")
         if model_type == RecformerConfig.model_type:
             return _from_checkpoint(path, model_class)
         return _from_hf_encoder(spec, model_class)

@@ -113,7 +113,8 @@ def train_with_early_stopping(
         seconds = time.perf_counter() - started
         val = _evaluate(model, evaluate_split, "val")
         append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, "train_loss": loss, "train_seconds": seconds, **val})
-        print(f"epoch {epoch}: loss {loss:.4f}, val {BEST_METRIC} {val[BEST_METRIC]:.4f}, HR@10 {val['HR@10']:.4f}")
+        print(f"epoch {epoch}: loss {loss:.4f}, val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}, "
+              f"HR@10 {val['HR@10']:.4f}")
         if stopper.update(val[BEST_METRIC]):
             best_epoch = epoch
             state = {"model": model.state_dict(), "epoch": epoch}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.data import load_dataset, write_dataset
-from common.evaluation import KS, evaluate, metric_names, sample_negatives
+from common.evaluation import KS, evaluate, metric_names, result_line, sample_negatives
 
 
 def reference_metrics(scores: np.ndarray, targets: np.ndarray, candidate_ok: np.ndarray) -> dict[str, float]:
@@ -112,6 +112,9 @@ def test_constant_scorer_ranks_last(small_data, sample_size):
     assert got["HR@50"] == (1.0 if candidates <= 50 else 0.0)
     assert got["HR@1"] == 0.0
     assert got["MRR"] == pytest.approx(1.0 / candidates)
+    protocol = "full ranking" if sample_size <= 0 else f"sampled-{sample_size}"
+    assert got["protocol"] == protocol  # stored with every result, so runs under different protocols never mix
+    assert result_line("val", got).startswith(f"val ({protocol}): HR@1 0.0000, ")
 
 
 def test_padding_is_never_a_candidate(small_data):
@@ -168,5 +171,5 @@ def test_negatives_are_uniform(small_data):
 
 
 def test_too_few_unseen_items_is_an_error(small_data):
-    with pytest.raises(ValueError, match="fewer than"):
+    with pytest.raises(ValueError, match="never interacted"):
         sample_negatives(small_data, small_data.num_items)

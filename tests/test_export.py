@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import export_embeddings
+import finetune_recformer
 from common.data import load_dataset
 from common.recformer import (
     RecformerForSeqRec,
@@ -70,6 +71,31 @@ def test_export_uses_the_same_table_function_as_finetuning(tiny_checkpoint, synt
     tokens = dataset_item_tokens(tokenizer, data)
     expected = encode_items(model.longformer, tokens, batch_size=64, device=torch.device("cpu"))
     assert torch.equal(export(tiny_checkpoint, synthetic_data, tmp_path / "e.safetensors"), expected)
+
+
+def test_export_encodes_in_the_precision_of_the_finetuning_run(synthetic_data, tmp_path):
+    """A bfloat16 fine-tuning run trains stage 2 against its best stage-1 encoder's table under bf16 autocast:
+    exporting <run>/stage1 without --dtype writes exactly that table; --dtype float32 overrides the run's choice."""
+    run = tmp_path / "run"
+    finetune_recformer.main(finetune_recformer.Args(
+        data=synthetic_data, backbone="tiny", out=run, epochs=1, patience=1, batch_size=32, grad_accum=1, lr=1e-3,
+        warmup_steps=1, sample_size=20, device="cpu", seed=0, dtype="bfloat16",
+    ))  # fmt: skip
+    stage2_table = load_file(str(run / "stage2" / "item_table.safetensors"))["item_embeddings"]
+    assert torch.equal(export(run / "stage1", synthetic_data, tmp_path / "run.safetensors"), stage2_table)
+    float32 = export(run / "stage1", synthetic_data, tmp_path / "float32.safetensors", dtype="float32")
+    assert (float32 - stage2_table).abs().max() > 1e-3  # bf16 autocast really changes the vectors
+
+
+def test_run_dtype_comes_only_from_a_run_directorys_config(tiny_checkpoint, tmp_path):
+    assert export_embeddings.run_dtype(str(tiny_checkpoint)) is None  # no config.json beside the checkpoint
+    assert export_embeddings.run_dtype("tiny") is None
+    stage = tmp_path / "run" / "stage1"
+    stage.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"dtype": "float16", "epochs": 3}))
+    assert export_embeddings.run_dtype(str(stage)) == "float16"
+    (tmp_path / "run" / "config.json").write_text("[1, 2")  # not a run's config: ignored, not an error
+    assert export_embeddings.run_dtype(str(stage)) is None
 
 
 def test_bad_checkpoint_fails_in_one_line(synthetic_data, tmp_path):

@@ -37,6 +37,9 @@ WORKER = textwrap.dedent(f"""
     rank, world = dist.get_rank(), dist.get_world_size()
     weights = {{name: t.detach().float().cpu() for name, t in engine.module.model.state_dict().items()}}
     torch.save(weights, out / f"rank{{rank}}.pt")
+    name_of = {{id(p): name for name, p in engine.module.model.named_parameters()}}
+    masters = P.zero0_fp32_masters(engine.optimizer)  # empty unless ZeRO 0 with mixed precision
+    torch.save({{name_of[i]: t.detach().cpu().clone() for i, t in masters.items()}}, out / f"masters{{rank}}.pt")
 
     torch.manual_seed(0)
     x_a, x_b, weight = torch.randn(8, 5), torch.randn(8, 5), torch.randn(5, 6, requires_grad=True)
@@ -217,6 +220,43 @@ def test_zero_stages_0_1_3_write_checkpoints_export_reads(corpus, dataset, tmp_p
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
+def test_zero0_bf16_saves_the_fp32_masters_and_resume_skips_a_truncated_step(corpus, tmp_path):
+    """ZeRO 0 + bf16 on the CPU: best/ and final/ hold the optimizer's fp32 master weights, not the module's bf16
+    copies; --resume passes over a step whose model file was cut short and continues from the one before."""
+    out = tmp_path / "bf16"
+    # three steps: the warm-up schedule gives the first step learning rate 0
+    launch(corpus, out, "--epochs", "1", "--max-steps", "3", "--eval-every", "1", "--save-every", "1",
+           "--zero-stage", "0", "--dtype", "bfloat16")  # fmt: skip
+    masters = torch.load(out / "masters0.pt")
+    module = torch.load(out / "rank0.pt")
+    assert len(masters) > 10 and all(m.dtype == torch.float32 for m in masters.values())
+    final = load_file(str(out / "final" / "model.safetensors"))
+    for name, master in masters.items():
+        assert final[name].dtype == torch.float32
+        assert torch.equal(final[name], master), name
+        assert torch.equal(master.bfloat16().float(), module[name]), name  # the module holds the rounded master
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in final.values()), "final/ holds bf16-rounded values"
+    best = load_file(str(out / "best" / "model.safetensors"))  # written by the same function, at an earlier step
+    assert best.keys() == final.keys() and all(t.dtype == torch.float32 for t in best.values())
+
+    step3 = out / "deepspeed" / "step00000003" / "mp_rank_00_model_states.pt"
+    step3.write_bytes(step3.read_bytes()[: step3.stat().st_size // 2])
+    metrics = launch(corpus, out, "--epochs", "1", "--max-steps", "4", "--save-every", "1", "--zero-stage", "0",
+                     "--dtype", "bfloat16", "--resume")  # fmt: skip
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 3, 4]  # the resumed run redid step 3
+    assert (out / "deepspeed" / "latest").read_text() == "step00000004"
+
+
+def test_resume_without_an_intact_step_names_the_broken_ones(tmp_path):
+    (tmp_path / "deepspeed" / "step00000004").mkdir(parents=True)
+    (tmp_path / "deepspeed" / "latest").write_text("step00000005")
+    with pytest.raises(P.InputError) as error:
+        P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True))
+    message = str(error.value)
+    assert "\n" not in message and "step00000005 is missing" in message, message
+    assert "step00000004 has no mp_rank_00_model_states.pt" in message, message
+
+
 def test_pairs_follow_the_papers_rule():
     sequences = P.Sequences(offsets=np.array([0, 2, 7]), items=np.array([5, 6, 1, 2, 3, 4, 9]))
     rng = np.random.default_rng(0)
@@ -250,7 +290,7 @@ def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path))
     with pytest.raises(P.InputError, match="exclude each other"):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True, overwrite=True))
-    with pytest.raises(P.InputError, match="deepspeed/latest"):
+    with pytest.raises(P.InputError, match="holding deepspeed/"):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path / "elsewhere", resume=True))
 
 

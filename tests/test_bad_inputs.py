@@ -1,0 +1,188 @@
+"""Bad inputs to the stage scripts end in one line of our own, never a traceback, and leave nothing behind.
+
+One table: each row runs a script's command line (its `if __name__ == "__main__"` block, in this process: a
+subprocess per row would spend most of a minute importing torch) and expects a non-zero exit, a last stderr line
+`error: <name>: ...` naming the flag or file, no traceback, and an output location that is unchanged or absent.
+A few rows also run as real subprocesses, to show the in-process reading of the exit matches the interpreter's.
+"""
+
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
+    """A private copy of the synthetic dataset (120 items) and broken files of every kind, by short name."""
+    from common.recformer import RecformerConfig
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    data = root / "data"
+    shutil.copytree(synthetic_data, data)
+    config = RecformerConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=16, attention_window=4, max_position_embeddings=40)  # fmt: skip
+    paths = {"data": data, "file": root / "a-file.txt"}
+    paths["file"].write_text("not a directory\n")
+    for name in ("corrupt-safetensors", "corrupt-config", "missing-field", "gpt2"):
+        paths[name] = root / name
+        config.save_pretrained(str(paths[name]))
+        (paths[name] / "model.safetensors").write_bytes(os.urandom(500))
+    (paths["corrupt-config"] / "config.json").write_text('{"model_type": "recformer", ')
+    hf_config = config.to_dict() | {"model_type": "bert"}
+    del hf_config["max_position_embeddings"]
+    (paths["missing-field"] / "config.json").write_text(json.dumps(hf_config))
+    (paths["gpt2"] / "config.json").write_text(json.dumps(config.to_dict() | {"model_type": "gpt2"}))
+    paths["no-words"] = root / "no-words.bin"
+    torch.save({"encoder.layer.0.weight": torch.zeros(2)}, paths["no-words"])
+    paths["random-bytes"] = root / "random.bin"
+    paths["random-bytes"].write_bytes(os.urandom(3000))
+    paths["broken-run"] = root / "broken-run"  # a pre-training run whose only checkpoint lost its model file
+    (paths["broken-run"] / "deepspeed" / "step00000002").mkdir(parents=True)
+    (paths["broken-run"] / "deepspeed" / "latest").write_text("step00000002")
+    return paths
+
+
+SASREC, BERT4REC, FINETUNE, EXPORT, PRETRAIN, PREPARE = (
+    "train_sasrec.py", "train_bert4rec.py", "finetune_recformer.py", "export_embeddings.py", "pretrain_recformer.py",
+    "prepare_data.py",
+)  # fmt: skip
+
+# (script, arguments, the name the error line must start with); {name} is a path from `inputs`, {out} the output
+# location of the row (a fresh path, unless the arguments give --out themselves).
+CASES = [
+    (SASREC, "--hidden-size 0", "--hidden-size"),
+    (BERT4REC, "--mask-prob -0.5", "--mask-prob"),
+    (SASREC, "--max-len 0", "--max-len"),
+    (BERT4REC, "--max-len -1", "--max-len"),
+    (SASREC, "--epochs 0", "--epochs"),
+    (BERT4REC, "--batch-size 0", "--batch-size"),
+    (SASREC, "--chunk-rows 0", "--chunk-rows"),
+    (BERT4REC, "--eval-batch-size 0", "--eval-batch-size"),
+    (SASREC, "--lr nan", "--lr"),
+    (FINETUNE, "--lr inf", "--lr"),
+    (PRETRAIN, "--lr -1", "--lr"),
+    (SASREC, "--dropout 1.5", "--dropout"),
+    (SASREC, "--device cuda:7", "--device"),
+    (EXPORT, "--checkpoint tiny --device gpu", "--device"),
+    (FINETUNE, "--epochs 0", "--epochs"),
+    (EXPORT, "--checkpoint tiny --batch-size 0", "--batch-size"),
+    (PRETRAIN, "--local_rank=0 --grad-accum 0", "--grad-accum"),
+    (PRETRAIN, "--mlm-probability 1", "--mlm-probability"),
+    (PREPARE, "synthetic --users 0", "--users"),
+    (SASREC, "--sample-size 500", "--sample-size"),  # the catalogue has 120 items
+    (FINETUNE, "--sample-size 500", "--sample-size"),
+    (SASREC, "--out {file}", "--out"),
+    (BERT4REC, "--out {file}/run", "--out"),
+    (FINETUNE, "--out {file}", "--out"),
+    (EXPORT, "--checkpoint tiny --out {data}", "--out"),
+    (PRETRAIN, "--out {file}/run", "--out"),
+    (SASREC, "--init-type plm --embeddings {random-bytes}", "{random-bytes}"),
+    (EXPORT, "--checkpoint {corrupt-safetensors}", "{corrupt-safetensors}/model.safetensors"),
+    (EXPORT, "--checkpoint {corrupt-config}", "{corrupt-config}/config.json"),
+    (FINETUNE, "--backbone {missing-field}", "{missing-field}/config.json"),
+    (EXPORT, "--checkpoint {gpt2}", "{gpt2}/config.json"),
+    (FINETUNE, "--backbone {no-words}", "{no-words}"),
+    (PRETRAIN, "--resume --out {broken-run}", "{broken-run}/deepspeed"),
+]
+
+
+def command_line(script: str, arguments: str, paths: dict[str, Path], out: Path) -> list[str]:
+    args = arguments.format(**paths).split()
+    if script != PREPARE:
+        args += ["--data", str(paths["data"])]
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    return args
+
+
+def run_in_process(script: str, args: list[str], capsys) -> tuple[int, str]:
+    """(exit status, stderr) of `python script args`, run here: SystemExit(text) means text on stderr and status
+    1, as the interpreter does it."""
+    capsys.readouterr()
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+        status, message = 0, ""
+    except SystemExit as stop:
+        status, message = (1, f"{stop.code}\n") if isinstance(stop.code, str) else (stop.code or 0, "")
+    finally:
+        sys.argv = argv
+    return status, capsys.readouterr().err + message
+
+
+def snapshot(path: Path) -> dict[str, bytes] | None:
+    """Every file under `path` (or `path` itself) with its content; None when nothing is there."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(status: int, stderr: str, name: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert status != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    assert lines and lines[-1].startswith(f"error: {name}"), stderr
+
+
+@pytest.mark.parametrize("script, arguments, name", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
+def test_bad_input_ends_in_one_line_and_leaves_nothing(script, arguments, name, inputs, tmp_path, capsys,
+                                                       monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # a default run directory would appear under runs/ here
+    out = tmp_path / "out"
+    args = command_line(script, arguments, inputs, out)
+    given_out = Path(args[args.index("--out") + 1]) if "--out" in args else out
+    before = {path: snapshot(path) for path in (inputs["data"], given_out, inputs["broken-run"])}
+    status, stderr = run_in_process(script, args, capsys)
+    assert_one_line_error(status, stderr, name.format(**inputs))
+    assert {path: snapshot(path) for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the failed start created files"
+
+
+@pytest.mark.parametrize("script, arguments, name, status", [
+    (SASREC, "--dropout 1.5", "--dropout", 2),
+    (BERT4REC, "--sample-size 500", "--sample-size", 1),
+    (PREPARE, "synthetic --items 0", "--items", 2),
+])  # fmt: skip
+def test_subprocess_exit_and_stderr_match(script, arguments, name, status, inputs, tmp_path):
+    args = command_line(script, arguments, inputs, tmp_path / "out")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == status
+    assert_one_line_error(result.returncode, result.stderr, name)
+    assert not (tmp_path / "out").exists()
+
+
+def test_args_built_in_python_are_checked_too():
+    """The checks run when an Args is constructed, so main(Args(...)) never sees a rejected value; a field without
+    a marker accepts anything its type does."""
+    from dataclasses import dataclass
+    from typing import Annotated
+
+    import train_bert4rec
+    from common.cli import Checked, FlagError, Positive, between
+
+    with pytest.raises(FlagError, match=r"^--mask-prob: must be in \(0, 1\] \(got 1.5\)$"):
+        train_bert4rec.Args(mask_prob=1.5)
+
+    @dataclass
+    class Args(Checked):
+        count: Annotated[int, Positive] = 1
+        share: Annotated[float, between(0, 1)] = 0.5
+        free: int = -7
+
+    assert Args(count=3, share=1.0, free=-100).free == -100
+    with pytest.raises(FlagError, match="^--count: "):
+        Args(count=-2)
