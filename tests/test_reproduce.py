@@ -1,0 +1,88 @@
+"""reproduce.py on the synthetic data with the tiny backbone: the grid runs once, writes results.md, results.json and
+the plots, summarises the runs' own test_metrics.json files, and resumes (nothing new on a second call; a crashed run,
+and only it, again)."""
+
+import json
+
+import pytest
+
+import export_embeddings
+import finetune_recformer
+import reproduce
+import train_bert4rec
+import train_sasrec
+
+STAGES = (train_sasrec, train_bert4rec, export_embeddings, finetune_recformer)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """Counts calls of every stage's main (the calls still run)."""
+    calls = []
+    for stage in STAGES:
+
+        def counted(args, main=stage.main, name=stage.__name__):
+            calls.append(name)
+            return main(args)
+
+        monkeypatch.setattr(stage, "main", counted)
+    return calls
+
+
+def tiny_grid(data, out):
+    return reproduce.Args(
+        data=data,
+        backbone="tiny",
+        out=out,
+        finetune_epochs=1,
+        transforms=("none", "center"),
+        seeds=(42,),
+        sample_sizes=(20,),
+        epochs=1,
+        device="cpu",
+    )
+
+
+def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
+    out = tmp_path / "grid"
+    args = tiny_grid(synthetic_data, out)
+    reproduce.main(args)
+    # starts: random + longformer, finetune under 2 transforms = 5 runs per model; tables: longformer, finetune
+    assert sorted(stage_calls) == sorted(
+        ["finetune_recformer"] + ["export_embeddings"] * 2 + ["train_sasrec"] * 5 + ["train_bert4rec"] * 5
+    )
+    assert {path.name for path in out.iterdir()} >= {"results.md", "results.json", "test_ndcg10.png", "val_ndcg10.png"}
+    for plot in ("test_ndcg10.png", "val_ndcg10.png"):
+        assert (out / plot).read_bytes().startswith(PNG_SIGNATURE)
+
+    results = json.loads((out / "results.json").read_text())
+    summary = {(e["model"], e["start"], e["transform"]): e for e in results["summary"]}
+    assert set(summary) == {
+        (model, start, transform)
+        for model in ("sasrec", "bert4rec")
+        for start, transform in [("random", "none")] + [(s, t) for s in ("longformer", "finetune") for t in ("none", "center")]
+    }
+    for (model, start, transform), entry in summary.items():
+        run_dir = out / "runs" / f"{model}-{start}-{transform}-sampled-20-seed42"
+        test = json.loads((run_dir / "test_metrics.json").read_text())
+        assert entry["test"]["NDCG@10"] == {"mean": pytest.approx(test["NDCG@10"]), "std": 0.0}
+        random_ndcg = json.loads((out / "runs" / f"{model}-random-none-sampled-20-seed42" / "test_metrics.json").read_text())
+        assert entry["ndcg10_vs_random"] == pytest.approx(test["NDCG@10"] / random_ndcg["NDCG@10"] - 1)
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["init_type"] == ("none" if start == "random" else "plm")
+        assert config["init_transform"] == transform and config["sample_size"] == 20
+    markdown = (out / "results.md").read_text()
+    assert "| SASRec | longformer (center) |" in markdown and "| BERT4Rec | random |" in markdown
+
+    stage_calls.clear()
+    reproduce.main(args)
+    assert stage_calls == []
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+
+    crashed = out / "runs" / "bert4rec-longformer-center-sampled-20-seed42"
+    (crashed / "test_metrics.json").unlink()
+    (crashed / "stray").write_text("left by a crash")
+    reproduce.main(args)
+    assert stage_calls == ["train_bert4rec"]
+    assert not (crashed / "stray").exists() and (crashed / "test_metrics.json").exists()
