@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -113,12 +114,13 @@ def redo_if_crashed(directory: Path, result: Path) -> bool:
     return True
 
 
-def export_table(args: Args, start: str, checkpoint: str) -> Path:
-    """<out>/tables/<start>.safetensors, exported from `checkpoint` unless it exists (export writes atomically)."""
+def export_table(args: Args, start: str, checkpoint: Callable[[], str]) -> Path:
+    """<out>/tables/<start>.safetensors, exported from checkpoint() unless it exists (export writes atomically, so
+    an existing file is complete; checkpoint() is only called, and so trained, when the table is missing)."""
     path = args.out / "tables" / f"{start}.safetensors"
     if not path.exists():
         export_embeddings.main(
-            export_embeddings.Args(checkpoint=checkpoint, data=args.data, out=path, device=args.device)
+            export_embeddings.Args(checkpoint=checkpoint(), data=args.data, out=path, device=args.device)
         )
     return path
 
@@ -143,11 +145,11 @@ def finetuned_checkpoint(args: Args) -> str:
 
 def item_tables(args: Args) -> dict[str, Path]:
     """{start: embedding file} for every PLM start the flags ask for."""
-    tables = {"longformer": export_table(args, "longformer", args.backbone)}
+    tables = {"longformer": export_table(args, "longformer", lambda: args.backbone)}
     if args.pretrained:
-        tables["pretrain"] = export_table(args, "pretrain", args.pretrained)
+        tables["pretrain"] = export_table(args, "pretrain", lambda: args.pretrained)
     if args.finetune_epochs > 0:
-        tables["finetune"] = export_table(args, "finetune", finetuned_checkpoint(args))
+        tables["finetune"] = export_table(args, "finetune", lambda: finetuned_checkpoint(args))
     return tables
 
 
@@ -179,6 +181,17 @@ def stage_args(args: Args, run: Run, run_dir: Path, table: Path | None, width: i
         device=args.device,
         **({} if table is None else plm),
     )
+
+
+def check_settings(run_dir: Path, settings) -> None:
+    """A finished run is reused only if its config.json holds the settings this call would give it."""
+    recorded = json.loads((run_dir / "config.json").read_text())
+    wanted = json.loads(json.dumps(asdict(settings), default=str))  # as config.json stores it: paths as strings
+    differing = sorted(key for key in wanted if key != "out" and recorded.get(key) != wanted[key])
+    if differing:
+        raise SystemExit(
+            f"error: {run_dir}: finished with other settings ({', '.join(differing)}); use another --out or remove it"
+        )
 
 
 def read_run(run: Run, run_dir: Path) -> dict:
@@ -309,10 +322,11 @@ def main(args: Args) -> dict:
     records = []
     for run in grid(args, ["random", *tables]):
         run_dir = args.out / "runs" / run.name
+        settings = stage_args(args, run, run_dir, tables.get(run.start), width, table_widths.get(run.start))
         if redo_if_crashed(run_dir, run_dir / "test_metrics.json"):
             print(f"== {run.name}")
-            table, table_width = tables.get(run.start), table_widths.get(run.start)
-            TRAINERS[run.model].main(stage_args(args, run, run_dir, table, width, table_width))
+            TRAINERS[run.model].main(settings)
+        check_settings(run_dir, settings)
         records.append(read_run(run, run_dir))
     summary = summarise(records)
     write_json_atomic(args.out / "results.json", {"args": args, "width": width, "runs": records, "summary": summary})

@@ -1,7 +1,8 @@
 """reproduce.py on the synthetic data with the tiny backbone: the grid runs once, writes results.md, results.json and
 the plots, summarises the runs' own test_metrics.json files, and resumes (nothing new on a second call; a crashed run,
-and only it, again)."""
+and only it, again; finished runs made with other settings are refused)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -58,18 +59,19 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
 
     results = json.loads((out / "results.json").read_text())
     summary = {(e["model"], e["start"], e["transform"]): e for e in results["summary"]}
-    assert set(summary) == {
-        (model, start, transform)
-        for model in ("sasrec", "bert4rec")
-        for start, transform in [("random", "none")] + [(s, t) for s in ("longformer", "finetune") for t in ("none", "center")]
-    }
+    plm_cells = [(start, transform) for start in ("longformer", "finetune") for transform in ("none", "center")]
+    cells = [("random", "none"), *plm_cells]
+    assert set(summary) == {(model, start, transform) for model in ("sasrec", "bert4rec") for start, transform in cells}
+
+    def run_file(model, start, transform, name):
+        return json.loads((out / "runs" / f"{model}-{start}-{transform}-sampled-20-seed42" / name).read_text())
+
     for (model, start, transform), entry in summary.items():
-        run_dir = out / "runs" / f"{model}-{start}-{transform}-sampled-20-seed42"
-        test = json.loads((run_dir / "test_metrics.json").read_text())
-        assert entry["test"]["NDCG@10"] == {"mean": pytest.approx(test["NDCG@10"]), "std": 0.0}
-        random_ndcg = json.loads((out / "runs" / f"{model}-random-none-sampled-20-seed42" / "test_metrics.json").read_text())
-        assert entry["ndcg10_vs_random"] == pytest.approx(test["NDCG@10"] / random_ndcg["NDCG@10"] - 1)
-        config = json.loads((run_dir / "config.json").read_text())
+        ndcg = run_file(model, start, transform, "test_metrics.json")["NDCG@10"]
+        random_ndcg = run_file(model, "random", "none", "test_metrics.json")["NDCG@10"]
+        assert entry["test"]["NDCG@10"] == {"mean": pytest.approx(ndcg), "std": 0.0}
+        assert entry["ndcg10_vs_random"] == pytest.approx(ndcg / random_ndcg - 1)
+        config = run_file(model, start, transform, "config.json")
         assert config["init_type"] == ("none" if start == "random" else "plm")
         assert config["init_transform"] == transform and config["sample_size"] == 20
     markdown = (out / "results.md").read_text()
@@ -86,3 +88,8 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
     reproduce.main(args)
     assert stage_calls == ["train_bert4rec"]
     assert not (crashed / "stray").exists() and (crashed / "test_metrics.json").exists()
+
+    stage_calls.clear()
+    with pytest.raises(SystemExit, match=r"finished with other settings \(epochs\)"):
+        reproduce.main(dataclasses.replace(args, epochs=2))
+    assert stage_calls == []
