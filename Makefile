@@ -29,10 +29,10 @@ demo: venv
 	  --epochs 2 --grad-accum 1 --lr 1e-3 --warmup-steps 10 --sample-size 100
 	$(PY) export_embeddings.py --checkpoint runs/demo/recformer/stage1
 	$(PY) train_sasrec.py --init-type none --out runs/demo/sasrec $(SMALL) --dropout 0.2 --epochs 20
-	$(PY) train_sasrec.py --init-type plm --init-transform center --out runs/demo/sasrec-plm $(SMALL) --dropout 0.2 \
+	$(PY) train_sasrec.py --init-type plm --init-transform whiten --out runs/demo/sasrec-plm $(SMALL) --dropout 0.2 \
 	  --epochs 20
 	$(PY) train_bert4rec.py --init-type none --out runs/demo/bert4rec $(SMALL) --batch-size 64 --epochs 20
-	$(PY) train_bert4rec.py --init-type plm --init-transform center --out runs/demo/bert4rec-plm $(SMALL) \
+	$(PY) train_bert4rec.py --init-type plm --init-transform whiten --out runs/demo/bert4rec-plm $(SMALL) \
 	  --batch-size 64 --epochs 20
 	@echo "Test metrics on data/synthetic, 100 sampled negatives per user:"
 	@$(PY) -m common.report Recformer=runs/demo/recformer SASRec=runs/demo/sasrec SASRec+PLM=runs/demo/sasrec-plm \
