@@ -195,11 +195,17 @@ def check_settings(run_dir: Path, settings) -> None:
 
 
 def read_run(run: Run, run_dir: Path) -> dict:
-    """One finished run's record: its cell, test metrics and validation curve (metrics.jsonl)."""
+    """One finished run's record: its cell, test metrics, validation curve and training seconds (metrics.jsonl)."""
     test = json.loads((run_dir / "test_metrics.json").read_text())
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    curve = [json.loads(line)["NDCG@10"] for line in lines if line.strip()]
-    return {**asdict(run), "protocol": run.protocol, "run_dir": str(run_dir), "test": test, "val_ndcg10": curve}
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        **asdict(run),
+        "protocol": run.protocol,
+        "run_dir": str(run_dir),
+        "test": test,
+        "val_ndcg10": [epoch["NDCG@10"] for epoch in epochs],
+        "train_seconds": sum(epoch["train_seconds"] for epoch in epochs),
+    }
 
 
 def summarise(records: list[dict]) -> list[dict]:
@@ -244,13 +250,15 @@ def start_label(entry: dict) -> str:
     return entry["start"] if entry["start"] == "random" else f"{entry['start']} ({entry['transform']})"
 
 
-def results_markdown(summary: list[dict], args: Args, width: int) -> str:
+def results_markdown(summary: list[dict], records: list[dict], args: Args, width: int) -> str:
     """The paper-style table, one section per protocol."""
+    hours = sum(record["train_seconds"] for record in records) / 3600
     lines = [
         f"# Results on {args.data}",
         "",
         f"Backbone {args.backbone}; width {width}; seeds {' '.join(map(str, args.seeds))}; at most {args.epochs} "
-        f"epochs, patience {args.patience}; lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}. "
+        f"epochs, patience {args.patience}; lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}; "
+        f"{len(records)} runs, {hours:.2f} h of training epochs in all (validation and test not counted). "
         "Test metrics: mean ± std over seeds; the change is that of mean test NDCG@10 against random init.",
     ]
     for protocol in dict.fromkeys(entry["protocol"] for entry in summary):
@@ -330,9 +338,10 @@ def main(args: Args) -> dict:
         records.append(read_run(run, run_dir))
     summary = summarise(records)
     write_json_atomic(args.out / "results.json", {"args": args, "width": width, "runs": records, "summary": summary})
-    (args.out / "results.md").write_text(results_markdown(summary, args, width), encoding="utf-8")
+    markdown = results_markdown(summary, records, args, width)
+    (args.out / "results.md").write_text(markdown, encoding="utf-8")
     plot_results(summary, args.out)
-    print(results_markdown(summary, args, width))
+    print(markdown)
     print(f"wrote {args.out}/results.md, results.json, test_ndcg10.png, val_ndcg10.png in {time.time() - began:.0f} s")
     return {"runs": records, "summary": summary}
 
