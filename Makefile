@@ -6,7 +6,7 @@ export RECSYS_QUIET ?= 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean reproduce
 
 venv: $(VENV)/.installed
 
@@ -29,12 +29,24 @@ demo: venv
 	  --epochs 2 --grad-accum 1 --lr 1e-3 --warmup-steps 10 --sample-size 100
 	$(PY) export_embeddings.py --checkpoint runs/demo/recformer/stage1 --overwrite
 	$(PY) train_sasrec.py --init-type none --out runs/demo/sasrec $(SMALL) --dropout 0.2 --epochs 20
-	$(PY) train_sasrec.py --init-type plm --out runs/demo/sasrec-plm $(SMALL) --dropout 0.2 --epochs 20
+	$(PY) train_sasrec.py --init-type plm --init-transform whiten --out runs/demo/sasrec-plm $(SMALL) --dropout 0.2 \
+	  --epochs 20
 	$(PY) train_bert4rec.py --init-type none --out runs/demo/bert4rec $(SMALL) --batch-size 64 --epochs 20
-	$(PY) train_bert4rec.py --init-type plm --out runs/demo/bert4rec-plm $(SMALL) --batch-size 64 --epochs 20
+	$(PY) train_bert4rec.py --init-type plm --init-transform whiten --out runs/demo/bert4rec-plm $(SMALL) \
+	  --batch-size 64 --epochs 20
 	@echo "Test metrics on data/synthetic, 100 sampled negatives per user:"
 	@$(PY) -m common.report Recformer=runs/demo/recformer SASRec=runs/demo/sasrec SASRec+PLM=runs/demo/sasrec-plm \
 	  BERT4Rec=runs/demo/bert4rec BERT4Rec+PLM=runs/demo/bert4rec-plm
+
+# The paper's grid on one dataset (reproduce.py): make reproduce DATA=data/scientific BACKBONE=<model dir> [OUT=...]
+# [ARGS="--seeds 42 43 --epochs 50 ..."]; a second call resumes (README: reproduce.py).
+ifneq ($(filter reproduce,$(MAKECMDGOALS)),)
+ifeq ($(and $(DATA),$(BACKBONE)),)
+$(error usage: make reproduce DATA=<dataset dir> BACKBONE=<model> [OUT=dir] [ARGS="reproduce.py flags"])
+endif
+endif
+reproduce: venv
+	$(PY) reproduce.py --data $(DATA) --backbone $(BACKBONE) --out $(or $(OUT),runs/reproduce/$(notdir $(DATA))) $(ARGS)
 
 test: venv
 	RECSYS_QUIET=1 $(PY) -m pytest -q tests

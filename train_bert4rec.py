@@ -50,6 +50,7 @@ from common.run import (
 from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions, train_with_early_stopping
 
 LAST_ONLY_PROB = 0.09  # the paper's code masks only the newest item of this share of training sequences
+RANDOM_TOKEN_STD = 1.0  # the token table keeps nn.Embedding's initialisation, N(0, 1), as the paper's code does
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Args(Checked):
     """PLM item-embedding file (ours, or the paper's torch-saved tensor); default <data>/embeddings/plm.safetensors."""
     project: Literal["none", "pca"] = "none"
     """"pca" reduces PLM vectors wider than --hidden-size by PCA over the items; "none" requires equal sizes."""
+    init_transform: Literal["none", "center", "whiten"] = "none"
+    """PLM vectors as copied into the table: "none" as they are (the paper), "center" minus the mean item vector,
+    "whiten" PCA-whitened; both rescaled to the std of the model's random initialisation, N(0, 1) (after --project)."""
     freeze_embeddings: bool = True
     """Keep a PLM-initialised token table fixed, as the paper does; ignored with --init-type none."""
     sample_size: int = 100
@@ -232,7 +236,15 @@ def main(args: Args) -> dict[str, float]:
         data = load_dataset(args.data)
         require_users(data, "val", "test")
         check_sample_size(data, args.sample_size)
-        table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
+        table, width = plm_init(
+            data,
+            args.init_type,
+            args.embeddings,
+            args.hidden_size,
+            args.project,
+            args.init_transform,
+            lambda dim: RANDOM_TOKEN_STD,
+        )
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
             raise SystemExit(

@@ -64,6 +64,9 @@ class Args(Checked):
     """PLM item-embedding file (ours, or the paper's torch-saved tensor); default <data>/embeddings/plm.safetensors."""
     project: Literal["none", "pca"] = "none"
     """"pca" reduces PLM vectors wider than --hidden-size by PCA over the items; "none" requires equal sizes."""
+    init_transform: Literal["none", "center", "whiten"] = "none"
+    """PLM vectors as copied into the table: "none" as they are (the paper), "center" minus the mean item vector,
+    "whiten" PCA-whitened; both rescaled to the std of the model's Xavier initialisation (after --project)."""
     freeze_embeddings: bool = False
     """Keep a PLM-initialised item table fixed (the paper trains it); ignored with --init-type none."""
     sample_size: int = 100
@@ -176,6 +179,11 @@ class SASRec(nn.Module):
         return self.final_norm(x)
 
 
+def xavier_item_std(num_items: int, dim: int) -> float:
+    """Element std of SASRec's random item table: Xavier normal of a (num_items + 1, dim) matrix."""
+    return (2.0 / (num_items + 1 + dim)) ** 0.5
+
+
 def next_item_pairs(data: SeqDataset, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, inputs, targets) for the users with at least two training items.
 
@@ -283,7 +291,15 @@ def main(args: Args) -> dict[str, float]:
         check_sample_size(data, args.sample_size)
         users, inputs, targets = next_item_pairs(data, args.max_len)
         history_keys = training_history_keys(data).to(device) if loss_name == "bce" else None
-        table, width = plm_init(data, args.init_type, args.embeddings, args.hidden_size, args.project)
+        table, width = plm_init(
+            data,
+            args.init_type,
+            args.embeddings,
+            args.hidden_size,
+            args.project,
+            args.init_transform,
+            lambda dim: xavier_item_std(data.num_items, dim),
+        )
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
             raise SystemExit(

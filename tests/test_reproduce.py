@@ -1,0 +1,95 @@
+"""reproduce.py on the synthetic data with the tiny backbone: the grid runs once, writes results.md, results.json and
+the plots, summarises the runs' own test_metrics.json files, and resumes (nothing new on a second call; a crashed run,
+and only it, again; finished runs made with other settings are refused)."""
+
+import dataclasses
+import json
+
+import pytest
+
+import export_embeddings
+import finetune_recformer
+import reproduce
+import train_bert4rec
+import train_sasrec
+
+STAGES = (train_sasrec, train_bert4rec, export_embeddings, finetune_recformer)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """Counts calls of every stage's main (the calls still run)."""
+    calls = []
+    for stage in STAGES:
+
+        def counted(args, main=stage.main, name=stage.__name__):
+            calls.append(name)
+            return main(args)
+
+        monkeypatch.setattr(stage, "main", counted)
+    return calls
+
+
+def tiny_grid(data, out):
+    return reproduce.Args(
+        data=data,
+        backbone="tiny",
+        out=out,
+        finetune_epochs=1,
+        transforms=("none", "center"),
+        seeds=(42,),
+        sample_sizes=(20,),
+        epochs=1,
+        device="cpu",
+    )
+
+
+def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
+    out = tmp_path / "grid"
+    args = tiny_grid(synthetic_data, out)
+    reproduce.main(args)
+    # starts: random + longformer, finetune under 2 transforms = 5 runs per model; tables: longformer, finetune
+    assert sorted(stage_calls) == sorted(
+        ["finetune_recformer"] + ["export_embeddings"] * 2 + ["train_sasrec"] * 5 + ["train_bert4rec"] * 5
+    )
+    assert {path.name for path in out.iterdir()} >= {"results.md", "results.json", "test_ndcg10.png", "val_ndcg10.png"}
+    for plot in ("test_ndcg10.png", "val_ndcg10.png"):
+        assert (out / plot).read_bytes().startswith(PNG_SIGNATURE)
+
+    results = json.loads((out / "results.json").read_text())
+    summary = {(e["model"], e["start"], e["transform"]): e for e in results["summary"]}
+    plm_cells = [(start, transform) for start in ("longformer", "finetune") for transform in ("none", "center")]
+    cells = [("random", "none"), *plm_cells]
+    assert set(summary) == {(model, start, transform) for model in ("sasrec", "bert4rec") for start, transform in cells}
+
+    def run_file(model, start, transform, name):
+        return json.loads((out / "runs" / f"{model}-{start}-{transform}-sampled-20-seed42" / name).read_text())
+
+    for (model, start, transform), entry in summary.items():
+        ndcg = run_file(model, start, transform, "test_metrics.json")["NDCG@10"]
+        random_ndcg = run_file(model, "random", "none", "test_metrics.json")["NDCG@10"]
+        assert entry["test"]["NDCG@10"] == {"mean": pytest.approx(ndcg), "std": 0.0}
+        assert entry["ndcg10_vs_random"] == pytest.approx(ndcg / random_ndcg - 1)
+        config = run_file(model, start, transform, "config.json")
+        assert config["init_type"] == ("none" if start == "random" else "plm")
+        assert config["init_transform"] == transform and config["sample_size"] == 20
+    markdown = (out / "results.md").read_text()
+    assert "| SASRec | longformer (center) |" in markdown and "| BERT4Rec | random |" in markdown
+
+    stage_calls.clear()
+    reproduce.main(args)
+    assert stage_calls == []
+    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
+
+    crashed = out / "runs" / "bert4rec-longformer-center-sampled-20-seed42"
+    (crashed / "test_metrics.json").unlink()
+    (crashed / "stray").write_text("left by a crash")
+    reproduce.main(args)
+    assert stage_calls == ["train_bert4rec"]
+    assert not (crashed / "stray").exists() and (crashed / "test_metrics.json").exists()
+
+    stage_calls.clear()
+    with pytest.raises(SystemExit, match=r"finished with other settings \(epochs\)"):
+        reproduce.main(dataclasses.replace(args, epochs=2))
+    assert stage_calls == []
