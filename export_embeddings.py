@@ -25,7 +25,15 @@ import tyro
 
 from common.data import DatasetError, load_dataset
 from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
-from common.recformer import BackboneError, RecformerModel, dataset_item_tokens, encode_items, item_texts, load_backbone
+from common.recformer import (
+    BackboneError,
+    RecformerModel,
+    dataset_item_tokens,
+    encode_items,
+    item_texts,
+    load_backbone,
+    set_attention,
+)
 from common.run import precision, resolve_device, seed_everything
 
 
@@ -46,6 +54,9 @@ class Args:
     """Autocast precision of the encoder; the table is stored as float32 either way."""
     seed: int = 42
     """Seed for the random parts of a converted backbone (new tables, "tiny")."""
+    attention: Literal["fast", "hf"] = "fast"
+    """Encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
+    attention, the reference); the same function and weights."""
 
 
 def main(args: Args) -> None:
@@ -60,6 +71,7 @@ def main(args: Args) -> None:
         tokens = dataset_item_tokens(tokenizer, data)
     except (DatasetError, BackboneError, EmbeddingFileError) as error:
         raise SystemExit(f"error: {error}") from None
+    set_attention(encoder, args.attention)
     encoder.to(device)
     began = time.time()
     dtype = precision(args.dtype, device)
