@@ -69,7 +69,7 @@ class Args:
     """Items per fine-tuning history."""
     paper_rows_divisor: int = 8
     """The paper's size runs batches this many times smaller (it costs about 8x MiniLM per token)."""
-    repeats: int = 2
+    repeats: int = 3
     """Timed runs of each encoder after one warm-up; the fastest is kept."""
     device: str = "cpu"
     """"cpu", "cuda", "auto"."""
