@@ -201,3 +201,16 @@ def test_max_steps_bounds_each_stage_and_nothing_is_encoded_twice(scientific_sli
     assert (out / "stage1" / "model.safetensors").exists() and (out / "test_metrics.json").exists()
     with pytest.raises(SystemExit, match="--max-steps"):
         finetune_recformer.main(finetune_recformer.Args(data=scientific_slice, out=tmp_path / "bad", max_steps=0))
+
+
+def test_a_seed_fixes_a_bounded_run(scientific_slice, tmp_path):
+    def metrics(out):
+        args = finetune_recformer.Args(
+            data=scientific_slice, backbone="tiny", out=out, epochs=1, batch_size=4, grad_accum=2, warmup_steps=1,
+            sample_size=SAMPLE_SIZE, device="cpu", seed=5, max_steps=2,
+        )  # fmt: skip
+        finetune_recformer.main(args)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in lines]
+
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
