@@ -150,11 +150,25 @@ def local_attention(q, k, v, masks: LocalMasks, one_sided: int, dropout: float) 
     return flex_attention(q, k, v, block_mask=mask)  # unfused reference on the CPU, for tests
 
 
+def fetched_in_forward(linear: torch.nn.Linear) -> bool:
+    """True for DeepSpeed ZeRO-3 parameters: they hold their values only while their own module's forward runs."""
+    return hasattr(linear.weight, "ds_id")
+
+
 def global_row(module: LongformerSelfAttention, hidden: torch.Tensor, valid: torch.Tensor, dropout: float):
-    """(B, C) attention output of token 0 with the global projections, by the associativity in the module docstring."""
+    """(B, C) attention output of token 0 with the global projections, by the associativity in the module docstring;
+    under ZeRO-3 by projecting every token instead (the weights exist only inside the projections' forward)."""
     batch, length, width = hidden.shape
     heads, dim = module.num_heads, module.head_dim
     query = module.query_global(hidden[:, 0]).view(batch, heads, dim) / math.sqrt(dim)
+    if fetched_in_forward(module.key_global) or fetched_in_forward(module.value_global):
+        keys = module.key_global(hidden).view(batch, length, heads, dim).transpose(1, 2)
+        values = module.value_global(hidden).view(batch, length, heads, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            query[:, :, None].to(keys.dtype), keys, values, attn_mask=valid[:, None, None, :], dropout_p=dropout,
+            scale=1.0,
+        )  # (B, heads, 1, D); the query is scaled already
+        return out.reshape(batch, heads * dim)
     key_weight = module.key_global.weight.view(heads, dim, width)
     value_weight = module.value_global.weight.view(heads, dim, width)
     query_in_input = torch.einsum("bnd,ndc->bnc", query, key_weight)  # (B, heads, C)
