@@ -20,7 +20,8 @@ of the window). Here the local part is one fused call, chosen by length and devi
 
 and the global row is computed without projecting every token by the global key/value matrices: for one query,
 q . (W_k h_j + b_k) = (W_k^T q) . h_j + const (the constant cancels in the softmax) and sum_j p_j (W_v h_j + b_v) =
-W_v (sum_j p_j h_j) + b_v sum_j p_j, which costs (T x H) per head instead of (T x H x H).
+W_v (sum_j p_j h_j) + b_v sum_j p_j, which costs (T x H) per head instead of (T x H x H). Under DeepSpeed ZeRO-3,
+where a weight exists only while its own module's forward runs, the global row projects every token instead.
 
 The layer's parameters are Hugging Face's (encoder.layer.N.attention.self.query, key_global, ...), so checkpoints are
 the same for both implementations; run_encoder drives the Longformer layers' own output and feed-forward modules.
