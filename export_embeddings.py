@@ -24,14 +24,22 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import Annotated, Literal, get_args
 
 import torch
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputFile, Positive, parse
 from common.data import DatasetError, load_dataset
 from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
-from common.recformer import BackboneError, RecformerModel, dataset_item_tokens, encode_items, item_texts, load_backbone
+from common.recformer import (
+    BackboneError,
+    RecformerModel,
+    dataset_item_tokens,
+    encode_items,
+    item_texts,
+    load_backbone,
+    set_attention,
+)
 from common.run import OutputError, check_output_file, precision, resolve_device, seed_everything
 
 
@@ -56,6 +64,9 @@ class Args(Checked):
     float32 either way."""
     seed: Annotated[int, NonNegative] = 42
     """Seed for the random parts of a converted backbone (new tables, "tiny")."""
+    attention: Literal["fast", "hf"] = "fast"
+    """Encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
+    attention, the reference); the same function and weights."""
 
 
 def run_dtype(checkpoint: str) -> Dtype | None:
@@ -82,6 +93,7 @@ def main(args: Args) -> None:
         tokens = dataset_item_tokens(tokenizer, data)
     except (DatasetError, BackboneError, EmbeddingFileError, OutputError) as error:
         raise SystemExit(f"error: {error}") from None
+    set_attention(encoder, args.attention)
     encoder.to(device)
     began = time.time()
     dtype_name = args.dtype or run_dtype(args.checkpoint) or "auto"

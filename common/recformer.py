@@ -7,7 +7,9 @@ Model
                              positions, 3 attributes of 32 tokens, cls pooling, temperature 0.05, MLM weight 0.1).
     RecformerModel           embeddings (word + RoBERTa-style position + token type + item position) and the
                              `transformers` Longformer encoder; forward(**batch) -> (hidden (B, T, H), pooled (B, H)),
-                             pooled = the first token.
+                             pooled = the first token. Its attention is computed by common/recformer_attention.py
+                             ("fast", the default) or by `transformers` ("hf", the reference): set_attention(model,
+                             kind), a runtime choice that checkpoints do not record.
     RecformerForSeqRec       .longformer + a fixed item table; cosine(pooled, item) / temp, full or sampled softmax.
     RecformerForPretraining  .longformer + the Longformer LM head; forward(**batch, mlm_labels=None) ->
                              PretrainingOutput(pooled, mlm_logits, mlm_loss).
@@ -60,10 +62,12 @@ from transformers.models.longformer.modeling_longformer import (
 from transformers.utils import logging as hf_logging
 
 from common.data import PAD, SeqDataset
+from common.recformer_attention import check_recformer_masks, run_encoder
 from common.run import progress, save_atomic
 
 NAME_TYPE, VALUE_TYPE, LEADING_TYPE, PADDING_TYPE = 1, 2, 0, 3
 IGNORE_INDEX = -100
+ATTENTIONS = ("fast", "hf")
 
 
 class BackboneError(ValueError):
@@ -104,7 +108,7 @@ class RecformerConfig(LongformerConfig):
 
     @property
     def window(self) -> int:
-        """Sequence lengths are padded to a multiple of the largest layer window (Longformer's chunking needs it)."""
+        """The largest layer window: the Hugging Face attention pads sequences to a multiple of it (for its chunks)."""
         return max(self.attention_window)
 
 
@@ -155,6 +159,7 @@ class RecformerModel(RecformerPreTrainedModel):
             raise ValueError(f"pooler_type {config.pooler_type!r} is not supported (only 'cls')")
         self.embeddings = RecformerEmbeddings(config)
         self.encoder = LongformerEncoder(config)
+        self.attention = "fast"  # or "hf" (Hugging Face's Longformer attention, the reference); see set_attention
         self.post_init()
 
     def get_input_embeddings(self):
@@ -163,32 +168,38 @@ class RecformerModel(RecformerPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _pad_to_window(self, input_ids, attention_mask, token_type_ids, item_position_ids, global_attention_mask):
-        """Right-pad every (B, T) input to a multiple of the window, with the padding values build_batch uses."""
-        extra = -input_ids.shape[1] % self.config.window
-        if extra == 0:
-            return input_ids, attention_mask, token_type_ids, item_position_ids, global_attention_mask
-        pad = lambda x, value: F.pad(x, (0, extra), value=value)  # noqa: E731
-        return (
-            pad(input_ids, self.config.pad_token_id),
-            pad(attention_mask, 0),
-            pad(token_type_ids, PADDING_TYPE),
-            pad(item_position_ids, self.config.max_item_embeddings - 1),
-            pad(global_attention_mask, 0),
-        )
+    def encode(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, global_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The encoder's layers: embeddings (B, T, H) -> last hidden state (B, T, H), by self.attention."""
+        if self.attention == "fast":
+            check_recformer_masks(attention_mask, global_attention_mask)
+            return run_encoder(self.encoder, hidden, attention_mask.bool())
+        # Hugging Face's chunked attention needs a multiple of the largest window; padded positions are masked keys
+        # and independent query rows, so their zero embeddings change no real position's output.
+        length = hidden.shape[1]
+        extra = -length % self.config.window
+        hidden = F.pad(hidden, (0, 0, 0, extra))
+        # The Longformer encoder reads only the sign of its mask: < 0 masked, 0 local, > 0 global attention.
+        sign = torch.where(attention_mask.bool(), global_attention_mask.bool().long(), -1)
+        sign = F.pad(sign, (0, extra), value=-1)
+        hidden = self.encoder(hidden, attention_mask=sign.to(hidden.dtype), return_dict=True).last_hidden_state
+        return hidden[:, :length]
 
     def forward(self, input_ids, attention_mask, token_type_ids, item_position_ids, global_attention_mask):
         """(hidden (B, T, H), pooled (B, H)) for a batch from build_batch."""
-        length = input_ids.shape[1]
-        input_ids, attention_mask, token_type_ids, item_position_ids, global_attention_mask = self._pad_to_window(
-            input_ids, attention_mask, token_type_ids, item_position_ids, global_attention_mask
-        )
         hidden = self.embeddings(input_ids, token_type_ids, item_position_ids)
-        # The Longformer encoder reads only the sign of its mask: < 0 masked, 0 local, > 0 global attention.
-        sign = torch.where(attention_mask.bool(), global_attention_mask.bool().long(), -1)
-        hidden = self.encoder(hidden, attention_mask=sign.to(hidden.dtype), return_dict=True).last_hidden_state
-        hidden = hidden[:, :length]
+        hidden = self.encode(hidden, attention_mask, global_attention_mask)
         return hidden, hidden[:, 0]
+
+
+def set_attention(model: nn.Module, attention: str) -> None:
+    """Run every RecformerModel inside `model` with `attention` ("fast" or "hf"); a runtime choice, never saved."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    for module in model.modules():
+        if isinstance(module, RecformerModel):
+            module.attention = attention
 
 
 def cosine_scores(queries: torch.Tensor, keys: torch.Tensor, temp: float) -> torch.Tensor:
@@ -444,8 +455,9 @@ def build_batch(
 
     Each row becomes: the leading token (type 0, item position 0), then the items newest first (item i gets item
     position i + 1), at most max_item_embeddings - 1 items and max_token_num tokens; then padding (pad id, type 3,
-    item position max_item_embeddings - 1, attention 0) up to a multiple of the window. Global attention on the
-    first token only. with_word_starts adds a (B, T) bool "word_starts" (False on the leading token and padding).
+    item position max_item_embeddings - 1, attention 0) up to the longest row (the Hugging Face attention pads to a
+    multiple of the window itself). Global attention on the first token only. with_word_starts adds a (B, T) bool
+    "word_starts" (False on the leading token and padding).
     """
     histories = np.asarray(histories, dtype=np.int64)
     batch = histories.shape[0]
@@ -465,7 +477,6 @@ def build_batch(
     token_row = rows[token_item]
     row_tokens = 1 + np.bincount(token_row, minlength=batch)
     width = int(row_tokens.max()) if batch else 1
-    width += -width % config.window
 
     input_ids = np.full((batch, width), config.pad_token_id, dtype=np.int64)
     token_type_ids = np.full((batch, width), PADDING_TYPE, dtype=np.int64)
@@ -491,6 +502,34 @@ def build_batch(
         word_starts[token_row, column] = tokens.word_starts[source]
         out["word_starts"] = word_starts
     return {name: torch.from_numpy(array) for name, array in out.items()}
+
+
+def sequence_token_counts(tokens: ItemTokens, histories: np.ndarray, config: RecformerConfig) -> np.ndarray:
+    """(B,) tokens of each row build_batch makes from `histories` (B, L): the leading token and the items' tokens,
+    newest max_item_embeddings - 1 items, at most max_token_num."""
+    newest = np.asarray(histories, dtype=np.int64)[:, ::-1][:, : config.max_item_embeddings - 1]
+    return np.minimum(1 + tokens.lengths[newest].sum(axis=1), config.max_token_num)  # id 0 has no tokens
+
+
+def token_budget_chunks(lengths: np.ndarray, budget: int, call_tokens: int) -> list[np.ndarray]:
+    """Row indices of `lengths` in ascending length, cut into consecutive chunks of at most `budget` padded tokens
+    (rows x longest row) that minimise padded tokens + call_tokens per chunk (the cost of one more model call, in
+    tokens); exact dynamic programme over the sorted rows, O(n^2) for n rows."""
+    order = np.argsort(lengths, kind="stable")
+    ordered = np.asarray(lengths, dtype=np.int64)[order]
+    best = np.zeros(len(ordered) + 1)
+    start = np.zeros(len(ordered) + 1, dtype=np.int64)
+    for end in range(1, len(ordered) + 1):
+        begins = np.arange(end)
+        padded = (end - begins) * ordered[end - 1]
+        cost = np.where(padded <= max(budget, ordered[end - 1]), best[:end] + padded + call_tokens, np.inf)
+        start[end] = int(np.argmin(cost))
+        best[end] = cost[start[end]]
+    cuts, end = [], len(ordered)
+    while end > 0:
+        cuts.append(order[start[end] : end])
+        end = start[end]
+    return cuts[::-1]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

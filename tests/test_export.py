@@ -117,3 +117,9 @@ def test_dataset_without_text_fails_in_one_line(tiny_checkpoint, synthetic_data,
         export(tiny_checkpoint, id_only, out)
     assert "meta_data.json" in str(error.value) and "\n" not in str(error.value)
     assert not out.exists()
+
+
+def test_fast_attention_exports_the_hf_table(tiny_checkpoint, synthetic_data, tmp_path):
+    fast = export(tiny_checkpoint, synthetic_data, tmp_path / "fast.safetensors", attention="fast")
+    hf = export(tiny_checkpoint, synthetic_data, tmp_path / "hf.safetensors", attention="hf")
+    torch.testing.assert_close(fast, hf, atol=1e-4, rtol=0)

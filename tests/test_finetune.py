@@ -13,6 +13,14 @@ from safetensors.torch import load_file
 import export_embeddings
 import finetune_recformer
 from common.data import load_dataset, write_dataset
+from common.recformer import (
+    RecformerForSeqRec,
+    build_batch,
+    dataset_item_tokens,
+    load_backbone,
+    sequence_token_counts,
+    token_budget_chunks,
+)
 from prepare_data import Lcrec, build_lcrec
 
 USERS = 60
@@ -101,3 +109,108 @@ def test_training_examples_take_a_random_prefix(scientific_slice):
         items = history[history > 0].tolist()
         sequences = [data.sequence(r)[: data.train_len[r]].tolist() for r in range(data.num_users)]
         assert any(seq[: len(items) + 1] == items + [label] for seq in sequences)
+
+
+def test_sequence_token_counts_are_build_batch_row_lengths(scientific_slice):
+    data = load_dataset(scientific_slice, verbose=False)
+    model, tokenizer = load_backbone("tiny", RecformerForSeqRec, data.item_text)
+    tokens = dataset_item_tokens(tokenizer, data)
+    histories, _ = finetune_recformer.training_examples(data, 50, np.random.default_rng(0))
+    batch = build_batch(tokens, histories, model.config)
+    counts = sequence_token_counts(tokens, histories, model.config)
+    assert counts.tolist() == batch["attention_mask"].sum(dim=1).tolist()
+    assert batch["input_ids"].shape[1] == counts.max()
+
+
+def brute_force_cost(lengths, budget, call_tokens):
+    """Least padded tokens + call_tokens per chunk over every cut of the sorted lengths into consecutive chunks."""
+    ordered = sorted(lengths)
+    best = math.inf
+    for cuts in itertools.product([False, True], repeat=len(ordered) - 1):
+        bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [len(ordered)]
+        chunks = [ordered[a:b] for a, b in zip(bounds, bounds[1:])]
+        if all(len(c) * c[-1] <= budget for c in chunks):
+            best = min(best, sum(len(c) * c[-1] + call_tokens for c in chunks))
+    return best
+
+
+def test_token_budget_chunks_are_an_optimal_partition():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = rng.integers(1, 40, size=int(rng.integers(1, 9)))
+        budget, call_tokens = int(rng.integers(40, 120)), int(rng.integers(0, 30))
+        chunks = token_budget_chunks(lengths, budget, call_tokens)
+        assert sorted(np.concatenate(chunks).tolist()) == list(range(len(lengths)))
+        assert all(len(c) * lengths[c].max() <= budget for c in chunks)
+        assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(chunks, chunks[1:]))
+        cost = sum(len(c) * lengths[c].max() + call_tokens for c in chunks)
+        assert cost == brute_force_cost(lengths.tolist(), budget, call_tokens)
+    assert [c.tolist() for c in token_budget_chunks(np.array([50, 3]), budget=10, call_tokens=0)] == [[1], [0]]
+
+
+def test_a_step_averages_its_examples_however_they_are_grouped(scientific_slice):
+    """One optimizer step's gradient is the gradient of the mean loss over its examples, as one call computes it."""
+    data = load_dataset(scientific_slice, verbose=False)
+    args = finetune_recformer.Args(data=scientific_slice, batch_size=4, grad_accum=3, device="cpu", seed=0)
+    torch.manual_seed(0)
+    model, tokenizer = load_backbone("tiny", RecformerForSeqRec, data.item_text)
+    for module in model.modules():  # no dropout, so both computations are deterministic
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+    for layer in model.longformer.encoder.layer:
+        layer.attention.self.dropout = 0.0
+    trainer = finetune_recformer.Trainer(args, data, model, tokenizer)
+    trainer.refresh_table()
+    histories, labels = finetune_recformer.training_examples(data, 50, np.random.default_rng(0))
+    step_rows = np.arange(12)
+    assert len(trainer.chunks(histories[step_rows])) > 1
+    trainer.rng = np.random.default_rng(0)  # train_epoch draws the same examples
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    gradients = {}
+
+    def keep_gradients(*_):
+        gradients.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    optimizer.register_step_pre_hook(keep_gradients)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer.train_epoch(optimizer, schedule, "test", max_steps=1)
+    model.zero_grad()
+    model.train()
+    loss = model.loss(trainer.encode(histories[step_rows]), torch.from_numpy(labels[step_rows]), 0)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(gradients[name], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_max_steps_bounds_each_stage_and_nothing_is_encoded_twice(scientific_slice, tmp_path, monkeypatch):
+    encodes = []
+    original = finetune_recformer.encode_items
+    monkeypatch.setattr(finetune_recformer, "encode_items", lambda *a, **k: encodes.append(1) or original(*a, **k))
+    out = tmp_path / "run"
+    args = finetune_recformer.Args(
+        data=scientific_slice, backbone="tiny", out=out, epochs=3, patience=3, batch_size=4, grad_accum=2,
+        warmup_steps=1, sample_size=SAMPLE_SIZE, device="cpu", seed=0, max_steps=2,
+    )  # fmt: skip
+    finetune_recformer.main(args)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"], r.get("steps")) for r in records] == [(0, 0, None), (1, 1, 2), (2, 1, 2)]
+    # untrained evaluation (its table serves epoch 1 of stage 1 too), then the best stage-1 model's table
+    assert len(encodes) == 2
+    assert (out / "stage1" / "model.safetensors").exists() and (out / "test_metrics.json").exists()
+    with pytest.raises(SystemExit, match="--max-steps"):
+        finetune_recformer.main(finetune_recformer.Args(data=scientific_slice, out=tmp_path / "bad", max_steps=0))
+
+
+def test_a_seed_fixes_a_bounded_run(scientific_slice, tmp_path):
+    def metrics(out):
+        args = finetune_recformer.Args(
+            data=scientific_slice, backbone="tiny", out=out, epochs=1, batch_size=4, grad_accum=2, warmup_steps=1,
+            sample_size=SAMPLE_SIZE, device="cpu", seed=5, max_steps=2,
+        )  # fmt: skip
+        finetune_recformer.main(args)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in lines]
+
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")

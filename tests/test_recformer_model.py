@@ -67,12 +67,12 @@ def test_hand_built_two_item_example():
     # History oldest -> newest is (1, 2): the sequence reads the leading token, item 2, then item 1.
     batch = build_batch(tokens, np.array([[0, 1, 2], [0, 0, 0]]), config, with_word_starts=True)
     pad, cls = ID["[PAD]"], ID["[CLS]"]
-    assert batch["input_ids"].tolist() == [[cls] + ITEM2 + ITEM1 + [pad], [cls] + [pad] * 11]
-    assert batch["token_type_ids"].tolist() == [[0] + TYPES2 + TYPES1 + [3], [0] + [3] * 11]
-    assert batch["item_position_ids"].tolist() == [[0] + [1] * 4 + [2] * 6 + [2], [0] + [2] * 11]
-    assert batch["attention_mask"].tolist() == [[1] * 11 + [0], [1] + [0] * 11]
-    assert batch["global_attention_mask"].tolist() == [[1] + [0] * 11] * 2
-    assert batch["word_starts"].tolist()[0] == [False] + [True] * 4 + STARTS1 + [False]
+    assert batch["input_ids"].tolist() == [[cls] + ITEM2 + ITEM1, [cls] + [pad] * 10]
+    assert batch["token_type_ids"].tolist() == [[0] + TYPES2 + TYPES1, [0] + [3] * 10]
+    assert batch["item_position_ids"].tolist() == [[0] + [1] * 4 + [2] * 6, [0] + [2] * 10]
+    assert batch["attention_mask"].tolist() == [[1] * 11, [1] + [0] * 10]
+    assert batch["global_attention_mask"].tolist() == [[1] + [0] * 10] * 2
+    assert batch["word_starts"].tolist()[0] == [False] + [True] * 4 + STARTS1
 
 
 def test_truncation_to_items_and_tokens():
@@ -80,7 +80,7 @@ def test_truncation_to_items_and_tokens():
     tokens = RecformerTokenizer(word_piece(), config).tokenize_items(TEXTS)
     # Three items, but max_item_embeddings = 3 leaves room for the two newest only.
     batch = build_batch(tokens, np.array([[1, 2, 2]]), config)
-    assert batch["input_ids"][0].tolist() == [ID["[CLS]"]] + ITEM2 + ITEM2 + [ID["[PAD]"]] * 3
+    assert batch["input_ids"][0].tolist() == [ID["[CLS]"]] + ITEM2 + ITEM2
     # 1 + 6 + 6 tokens exceed max_token_num = 12: the oldest item loses its last token.
     batch = build_batch(tokens, np.array([[1, 1]]), config)
     assert batch["input_ids"][0].tolist() == [ID["[CLS]"]] + ITEM1 + ITEM1[:5]
@@ -113,7 +113,7 @@ def test_build_batch_matches_per_row_reference():
     keep = np.arange(8)[None, :] >= rng.integers(0, 9, size=40)[:, None]
     histories = np.where(keep, histories, 0)
     batch = build_batch(tokens, histories, config)
-    assert batch["input_ids"].shape[1] % config.window == 0
+    assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(dim=1).max()  # no padding beyond the longest row
     for row, history in enumerate(histories):
         ids, types, positions = reference_batch(tokens, history, config)
         n = len(ids)
