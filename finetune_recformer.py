@@ -134,6 +134,8 @@ class Args(Checked):
     max_steps: Annotated[int | None, Positive] = None
     """Optimizer steps per stage at most (the LR schedule is sized to it); the stage then validates and saves as
     usual. None: no limit."""
+    stages: Literal[1, 2] = 2
+    """Stages to run: 2 = the paper's two stages; 1 = stage 1 only (all that export of <out>/stage1 needs)."""
 
 
 def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int):
@@ -326,15 +328,16 @@ def main(args: Args) -> None:
     append_jsonl(run_dir / "metrics.jsonl", {"stage": 0, "epoch": 0, **untrained})
     print(f"untrained: val ({untrained['protocol']}) {BEST_METRIC} {untrained[BEST_METRIC]:.4f}")
 
-    best1 = trainer.run_stage(1, run_dir, refresh_every_epoch=True)
-    trainer.load(run_dir / "stage1")
-    trainer.refresh_table()
-    best2 = trainer.run_stage(2, run_dir, refresh_every_epoch=False)
+    best = {1: trainer.run_stage(1, run_dir, refresh_every_epoch=True)}
+    if args.stages == 2:
+        trainer.load(run_dir / "stage1")
+        trainer.refresh_table()
+        best[2] = trainer.run_stage(2, run_dir, refresh_every_epoch=False)
 
-    stage = 2 if best2 > best1 else 1
+    stage = max(best, key=best.get)  # on a tie, stage 1
     trainer.load(run_dir / f"stage{stage}")
     test = trainer.evaluate("test")
-    write_json_atomic(run_dir / "test_metrics.json", {**test, "stage": stage, f"val_{BEST_METRIC}": max(best1, best2)})
+    write_json_atomic(run_dir / "test_metrics.json", {**test, "stage": stage, f"val_{BEST_METRIC}": best[stage]})
     print(result_line(f"test, stage {stage} model", test))
 
 

@@ -7,7 +7,7 @@ Item-table starts (the paper's names):
     longformer   the raw --backbone's item vectors
     pretrain     a pre-trained Recformer's vectors (--pretrained; skipped without it)
     finetune     the vectors of --pretrained (else --backbone) after Recformer's fine-tuning on --data (stage 1 model;
-                 --finetune-epochs 0 skips it)
+                 --finetune-max-steps N bounds it to N steps of stage 1 alone; --finetune-epochs 0 skips it)
 
 Each PLM start is exported once to <out>/tables/<start>.safetensors and run under every --transforms; every
 (model, start, transform, protocol, seed) is its own run directory <out>/runs/<name>/, trained by the stage script's
@@ -30,15 +30,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-import tyro
 
 import export_embeddings
 import finetune_recformer
 import train_bert4rec
 import train_sasrec
+from common.cli import Checked, Device, NonNegative, Positive, parse
 from common.data import load_dataset
 from common.embeddings import load_item_embeddings
 from common.run import write_json_atomic
@@ -49,7 +49,7 @@ TABLE_METRICS = ("NDCG@10", "HR@10", "MRR")
 
 
 @dataclass
-class Args:
+class Args(Checked):
     data: Path
     """Dataset directory with item text (written by prepare_data.py)."""
     backbone: str
@@ -59,10 +59,15 @@ class Args:
     pretrained: str | None = None
     """A pre-trained Recformer checkpoint (pretrain_recformer.py best/ or final/, or the paper's .bin): adds the
     "pretrain" start and is what "finetune" fine-tunes; without it, "finetune" fine-tunes --backbone."""
-    finetune_epochs: int = 16
+    finetune_epochs: Annotated[int, NonNegative] = 16
     """Maximum epochs of each Recformer fine-tuning stage for the "finetune" start; 0 skips that start."""
-    finetune_lr: float = 5e-5
+    finetune_max_steps: Annotated[int | None, Positive] = None
+    """Optimizer steps of that fine-tuning at most (finetune_recformer.py --max-steps, stage 1 only); None: no
+    limit, and both stages run as in the paper (the "finetune" table is the stage-1 model's either way)."""
+    finetune_lr: Annotated[float, NonNegative] = 5e-5
     """AdamW peak learning rate of that fine-tuning."""
+    finetune_warmup_steps: Annotated[int, NonNegative] = 100
+    """Its linear warm-up steps (finetune_recformer.py --warmup-steps)."""
     models: tuple[Literal["sasrec", "bert4rec"], ...] = ("sasrec", "bert4rec")
     """Recommenders to train."""
     transforms: tuple[Literal["none", "center", "whiten"], ...] = ("none", "center", "whiten")
@@ -71,17 +76,19 @@ class Args:
     """One run per seed; the table reports mean and std over them."""
     sample_sizes: tuple[int, ...] = (100, -1)
     """Evaluation protocols, each trained separately: N > 0 ranks against N sampled negatives, <= 0 all items."""
-    epochs: int = 200
+    epochs: Annotated[int, Positive] = 200
     """Maximum epochs of each recommender run."""
-    patience: int = 10
+    bert4rec_epochs: Annotated[int | None, Positive] = None
+    """Maximum epochs of each BERT4Rec run, where it should differ from --epochs (BERT4Rec epochs cost more)."""
+    patience: Annotated[int, Positive] = 10
     """Validations without a new best NDCG@10 before a recommender run stops."""
-    hidden_size: int | None = None
+    hidden_size: Annotated[int | None, Positive] = None
     """Recommender width; default the backbone's vector width. Narrower than the vectors: --project pca."""
-    sasrec_lr: float = 1e-4
+    sasrec_lr: Annotated[float, NonNegative] = 1e-4
     """SASRec's Adam learning rate (the paper's 1e-4)."""
-    bert4rec_lr: float = 1e-4
+    bert4rec_lr: Annotated[float, NonNegative] = 1e-4
     """BERT4Rec's Adam learning rate (the paper's 1e-4)."""
-    device: str = "auto"
+    device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", ... for every stage."""
 
 
@@ -135,7 +142,10 @@ def finetuned_checkpoint(args: Args) -> str:
                 backbone=args.pretrained or args.backbone,
                 out=run_dir,
                 epochs=args.finetune_epochs,
+                max_steps=args.finetune_max_steps,
+                stages=2 if args.finetune_max_steps is None else 1,
                 lr=args.finetune_lr,
+                warmup_steps=args.finetune_warmup_steps,
                 seed=args.seeds[0],
                 device=args.device,
             )
@@ -174,7 +184,7 @@ def stage_args(args: Args, run: Run, run_dir: Path, table: Path | None, width: i
         init_type="none" if table is None else "plm",
         hidden_size=width,
         sample_size=run.sample_size,
-        epochs=args.epochs,
+        epochs=args.epochs if run.model == "sasrec" or args.bert4rec_epochs is None else args.bert4rec_epochs,
         patience=args.patience,
         lr=args.sasrec_lr if run.model == "sasrec" else args.bert4rec_lr,
         seed=run.seed,
@@ -257,7 +267,7 @@ def results_markdown(summary: list[dict], records: list[dict], args: Args, width
         f"# Results on {args.data}",
         "",
         f"Backbone {args.backbone}; width {width}; seeds {' '.join(map(str, args.seeds))}; at most {args.epochs} "
-        f"epochs, patience {args.patience}; lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}; "
+        f"epochs (BERT4Rec {args.bert4rec_epochs or args.epochs}), patience {args.patience}; lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}; "
         f"{len(records)} runs, {hours:.2f} h of training epochs in all (validation and test not counted). "
         "Test metrics: mean ± std over seeds; the change is that of mean test NDCG@10 against random init.",
     ]
@@ -320,8 +330,6 @@ def _curves(axis, entries: list[dict]) -> None:
 def main(args: Args) -> dict:
     if not args.seeds or not args.models or not args.transforms or not args.sample_sizes:
         raise SystemExit("error: --seeds, --models, --transforms and --sample-sizes each need at least one value")
-    if args.epochs < 1 or args.finetune_epochs < 0:
-        raise SystemExit("error: --epochs must be at least 1 and --finetune-epochs at least 0")
     began = time.time()
     tables = item_tables(args)
     data = load_dataset(args.data)
@@ -347,4 +355,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse(Args))

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import export_embeddings
 import finetune_recformer
+from common.cli import FlagError
 from common.data import load_dataset, write_dataset
 from common.recformer import (
     RecformerForSeqRec,
@@ -199,8 +200,22 @@ def test_max_steps_bounds_each_stage_and_nothing_is_encoded_twice(scientific_sli
     # untrained evaluation (its table serves epoch 1 of stage 1 too), then the best stage-1 model's table
     assert len(encodes) == 2
     assert (out / "stage1" / "model.safetensors").exists() and (out / "test_metrics.json").exists()
-    with pytest.raises(SystemExit, match="--max-steps"):
-        finetune_recformer.main(finetune_recformer.Args(data=scientific_slice, out=tmp_path / "bad", max_steps=0))
+    with pytest.raises(FlagError, match="--max-steps"):
+        finetune_recformer.Args(data=scientific_slice, out=tmp_path / "bad", max_steps=0)
+
+
+def test_stages_1_runs_and_tests_stage_1_only(scientific_slice, tmp_path):
+    out = tmp_path / "run"
+    args = finetune_recformer.Args(
+        data=scientific_slice, backbone="tiny", out=out, epochs=1, batch_size=4, grad_accum=2, warmup_steps=1,
+        sample_size=SAMPLE_SIZE, device="cpu", seed=0, max_steps=1, stages=1,
+    )  # fmt: skip
+    finetune_recformer.main(args)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [(0, 0), (1, 1)]
+    assert (out / "stage1" / "model.safetensors").exists() and not (out / "stage2").exists()
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert test["stage"] == 1 and test["val_NDCG@10"] == records[1]["NDCG@10"]
 
 
 def test_a_seed_fixes_a_bounded_run(scientific_slice, tmp_path):

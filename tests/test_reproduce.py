@@ -93,3 +93,18 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
     with pytest.raises(SystemExit, match=r"finished with other settings \(epochs\)"):
         reproduce.main(dataclasses.replace(args, epochs=2))
     assert stage_calls == []
+
+
+def test_bounded_finetuning_and_per_model_epochs(synthetic_data, tmp_path):
+    out = tmp_path / "grid"
+    args = dataclasses.replace(
+        tiny_grid(synthetic_data, out), transforms=("none",), finetune_max_steps=1, finetune_warmup_steps=0,
+        bert4rec_epochs=2,
+    )  # fmt: skip
+    reproduce.main(args)
+    finetune = json.loads((out / "finetune" / "config.json").read_text())
+    assert (finetune["max_steps"], finetune["stages"], finetune["warmup_steps"]) == (1, 1, 0)
+    assert (out / "finetune" / "stage1").is_dir() and not (out / "finetune" / "stage2").exists()
+    for model, epochs in (("sasrec", 1), ("bert4rec", 2)):
+        config = json.loads((out / "runs" / f"{model}-finetune-none-sampled-20-seed42" / "config.json").read_text())
+        assert config["epochs"] == epochs
