@@ -90,6 +90,9 @@ class Args(Checked):
     """BERT4Rec's Adam learning rate (the paper's 1e-4)."""
     device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", ... for every stage."""
+    report_only: bool = False
+    """Train and export nothing: summarise the finished runs of the grid (results.md lists the missing ones), e.g.
+    while other processes are still working through it."""
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,14 @@ def redo_if_crashed(directory: Path, result: Path) -> bool:
     return True
 
 
-def export_table(args: Args, start: str, checkpoint: Callable[[], str]) -> Path:
+def export_table(args: Args, start: str, checkpoint: Callable[[], str]) -> Path | None:
     """<out>/tables/<start>.safetensors, exported from checkpoint() unless it exists (export writes atomically, so
-    an existing file is complete; checkpoint() is only called, and so trained, when the table is missing)."""
+    an existing file is complete; checkpoint() is only called, and so trained, when the table is missing); None
+    for a missing table under --report-only."""
     path = args.out / "tables" / f"{start}.safetensors"
     if not path.exists():
+        if args.report_only:
+            return None
         export_embeddings.main(
             export_embeddings.Args(checkpoint=checkpoint(), data=args.data, out=path, device=args.device)
         )
@@ -153,8 +159,8 @@ def finetuned_checkpoint(args: Args) -> str:
     return str(run_dir / "stage1")
 
 
-def item_tables(args: Args) -> dict[str, Path]:
-    """{start: embedding file} for every PLM start the flags ask for."""
+def item_tables(args: Args) -> dict[str, Path | None]:
+    """{start: embedding file} for every PLM start the flags ask for (None: missing, under --report-only)."""
     tables = {"longformer": export_table(args, "longformer", lambda: args.backbone)}
     if args.pretrained:
         tables["pretrain"] = export_table(args, "pretrain", lambda: args.pretrained)
@@ -260,8 +266,8 @@ def start_label(entry: dict) -> str:
     return entry["start"] if entry["start"] == "random" else f"{entry['start']} ({entry['transform']})"
 
 
-def results_markdown(summary: list[dict], records: list[dict], args: Args, width: int) -> str:
-    """The paper-style table, one section per protocol."""
+def results_markdown(summary: list[dict], records: list[dict], args: Args, width: int, missing: list[str]) -> str:
+    """The paper-style table, one section per protocol; then the runs of the grid not finished (--report-only)."""
     hours = sum(record["train_seconds"] for record in records) / 3600
     lines = [
         f"# Results on {args.data}",
@@ -282,6 +288,8 @@ def results_markdown(summary: list[dict], records: list[dict], args: Args, width
             epochs = " ".join(map(str, entry["best_epochs"]))
             row = [MODEL_NAMES[entry["model"]], start_label(entry), *cells, change, epochs]
             lines.append("| " + " | ".join(row) + " |")
+    if missing:
+        lines += ["", f"Not finished, so not in the table ({len(missing)} runs): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -332,12 +340,17 @@ def main(args: Args) -> dict:
         raise SystemExit("error: --seeds, --models, --transforms and --sample-sizes each need at least one value")
     began = time.time()
     tables = item_tables(args)
+    if tables["longformer"] is None:
+        raise SystemExit(f"error: --report-only: {args.out} holds no tables/longformer.safetensors yet")
     data = load_dataset(args.data)
-    table_widths = {start: load_item_embeddings(path, data).shape[1] for start, path in tables.items()}
+    table_widths = {start: load_item_embeddings(path, data).shape[1] for start, path in tables.items() if path}
     width = args.hidden_size or table_widths["longformer"]
-    records = []
+    records, missing = [], []
     for run in grid(args, ["random", *tables]):
         run_dir = args.out / "runs" / run.name
+        if args.report_only and not (run_dir / "test_metrics.json").exists():
+            missing.append(run.name)
+            continue
         settings = stage_args(args, run, run_dir, tables.get(run.start), width, table_widths.get(run.start))
         if redo_if_crashed(run_dir, run_dir / "test_metrics.json"):
             print(f"== {run.name}")
@@ -345,8 +358,11 @@ def main(args: Args) -> dict:
         check_settings(run_dir, settings)
         records.append(read_run(run, run_dir))
     summary = summarise(records)
-    write_json_atomic(args.out / "results.json", {"args": args, "width": width, "runs": records, "summary": summary})
-    markdown = results_markdown(summary, records, args, width)
+    write_json_atomic(
+        args.out / "results.json",
+        {"args": args, "width": width, "runs": records, "missing": missing, "summary": summary},
+    )
+    markdown = results_markdown(summary, records, args, width, missing)
     (args.out / "results.md").write_text(markdown, encoding="utf-8")
     plot_results(summary, args.out)
     print(markdown)

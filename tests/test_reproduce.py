@@ -108,3 +108,20 @@ def test_bounded_finetuning_and_per_model_epochs(synthetic_data, tmp_path):
     for model, epochs in (("sasrec", 1), ("bert4rec", 2)):
         config = json.loads((out / "runs" / f"{model}-finetune-none-sampled-20-seed42" / "config.json").read_text())
         assert config["epochs"] == epochs
+
+
+def test_report_only_trains_nothing_and_lists_the_missing_runs(synthetic_data, tmp_path, stage_calls):
+    out = tmp_path / "grid"
+    args = dataclasses.replace(
+        tiny_grid(synthetic_data, out), models=("sasrec",), transforms=("none",), finetune_epochs=0
+    )  # fmt: skip
+    reproduce.main(args)
+    unfinished = out / "runs" / "sasrec-longformer-none-sampled-20-seed42"
+    (unfinished / "test_metrics.json").unlink()  # as if another process were still training it
+    stage_calls.clear()
+    results = reproduce.main(dataclasses.replace(args, report_only=True, finetune_epochs=1))
+    assert stage_calls == [] and (unfinished / "metrics.jsonl").exists()
+    assert [(r["start"], r["transform"]) for r in results["runs"]] == [("random", "none")]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["missing"] == ["sasrec-longformer-none-sampled-20-seed42", "sasrec-finetune-none-sampled-20-seed42"]
+    assert "Not finished, so not in the table (2 runs)" in (out / "results.md").read_text()
