@@ -379,6 +379,13 @@ class Trainer:
             append_jsonl(run_dir / "metrics.jsonl", record)
 
 
+def fill_caches(data: SeqDataset, tokenizer: RecformerTokenizer, sample_size: int) -> None:
+    """Write the dataset's token and negatives caches (on rank 0, before the other processes read them)."""
+    dataset_item_tokens(tokenizer, data)
+    if sample_size > 0:
+        sample_negatives(data, sample_size)
+
+
 def start(args: Args) -> Trainer:
     """Flags, data, process group (when launched on many processes), model: a one-line error for bad input."""
     try:
@@ -393,10 +400,9 @@ def start(args: Args) -> Trainer:
         silence_other_ranks(rank)
         model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))
         set_attention(model, args.attention)
-        if args.sample_size > 0 and world > 1:
-            rank0_first(lambda: sample_negatives(data, args.sample_size))  # rank 0 writes the cache
-        # rank 0 writes the token cache; the others read it
-        return rank0_first(lambda: Trainer(args, data, model, tokenizer, device, rank, world))
+        if world > 1:
+            rank0_first(lambda: fill_caches(data, tokenizer, args.sample_size))
+        return Trainer(args, data, model, tokenizer, device, rank, world)
     except (DatasetError, BackboneError, EmbeddingFileError, OutputError, LaunchError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -225,9 +225,10 @@ def _sharded_ranks(batch_ranks, batches: list[slice], users: int, device) -> tup
     rank + world, ... and the other processes the rest; integer sums, so exact. Every process learns of a NaN, so
     all raise and none is left waiting in a collective."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    ranks = torch.zeros(users + 1, dtype=torch.int64, device=device)  # the last entry counts batches with NaN
+    summed = torch.zeros(users + 1, dtype=torch.int64, device=device)  # users' ranks, then batches with NaN
+    ranks = summed[:users]
     for batch in batches[rank::world]:
         ranks[batch], nan = batch_ranks(batch)
-        ranks[-1] += nan
-    dist.all_reduce(ranks)
-    return ranks[:-1], bool(ranks[-1] > 0)
+        summed[users] += nan
+    dist.all_reduce(summed)
+    return ranks, bool(summed[users] > 0)
