@@ -38,6 +38,7 @@ from common.distributed import (
     LaunchError,
     init_distributed,
     launched_processes,
+    leave_process_group,
     parse_launched,
     rank0_first,
     silence_other_ranks,
@@ -128,3 +129,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     main(parse_launched(Args))
+    leave_process_group()

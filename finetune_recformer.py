@@ -62,6 +62,7 @@ from common.distributed import (
     from_rank0,
     init_distributed,
     launched_processes,
+    leave_process_group,
     parse_launched,
     rank0_first,
     silence_other_ranks,
@@ -442,3 +443,4 @@ def main(args: Args) -> Trainer:
 
 if __name__ == "__main__":
     main(parse_launched(Args))
+    leave_process_group()

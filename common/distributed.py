@@ -64,6 +64,14 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), here
 
 
+def leave_process_group() -> None:
+    """At the end of a script: wait for every process, then close the group (a process that exits while a peer
+    still talks to it can make the peer's gloo connection abort)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def silence_other_ranks(rank: int) -> None:
     """Only rank 0 prints and shows progress bars."""
     if rank != 0:

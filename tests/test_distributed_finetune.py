@@ -37,7 +37,7 @@ WORKER = textwrap.dedent(f"""
     sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
     import torch, torch.distributed as dist
     import finetune_recformer
-    from common.distributed import parse_launched
+    from common.distributed import leave_process_group, parse_launched
     from test_finetune import first_step_gradients, without_dropout
     args = parse_launched(finetune_recformer.Args)
     trainer = finetune_recformer.main(args)
@@ -46,6 +46,7 @@ WORKER = textwrap.dedent(f"""
     gradients = first_step_gradients(trainer, seed=GRADIENT_SEED)
     saved = {{"weights": weights, "item_table": trainer.model.item_table.cpu(), "gradients": gradients}}
     torch.save(saved, args.out / f"rank{{dist.get_rank()}}.pt")
+    leave_process_group()
 """).replace("GRADIENT_SEED", str(GRADIENT_SEED))
 
 
