@@ -38,7 +38,14 @@ from torch._utils import _unflatten_dense_tensors
 
 from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, between
 from common.data import DatasetError, item_attributes, read_json
-from common.distributed import from_rank0, init_distributed, parse_launched, rank0_first, silence_other_ranks
+from common.distributed import (
+    from_rank0,
+    init_distributed,
+    leave_process_group,
+    parse_launched,
+    rank0_first,
+    silence_other_ranks,
+)
 from common.masking import whole_word_mask
 from common.recformer import (
     NAME_TYPE,
@@ -634,5 +641,6 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
 if __name__ == "__main__":
     try:
         main(parse_launched(Args))
+        leave_process_group()
     except (InputError, OutputError, DatasetError, BackboneError) as error:
         raise SystemExit(f"error: {error}") from None
