@@ -15,7 +15,11 @@ fine-tuning trained stage 2 against; elsewhere "auto". An explicit --dtype overr
 Output: a safetensors file with tensor `item_embeddings` (items + 1, d), row 0 zeros, and metadata naming the dataset
 fingerprint, the checkpoint and the dimension (common/embeddings.py); written atomically.
 
+Many processes (torchrun --nproc_per_node N, or the deepspeed launcher): every process encodes a share of the items
+and the shares are all-reduced into the same table as one process encodes; rank 0 writes the file.
+
     python export_embeddings.py --checkpoint runs/finetune/<run>/stage1 --data data/synthetic
+    torchrun --nproc_per_node 8 export_embeddings.py --checkpoint runs/finetune/<run>/stage1 --data data/scientific
 """
 
 from __future__ import annotations
@@ -28,8 +32,17 @@ from typing import Annotated, Literal, get_args
 
 import torch
 
-from common.cli import Checked, Device, Dtype, NonNegative, OutputFile, Positive, parse
+from common.cli import Checked, Device, Dtype, NonNegative, OutputFile, Positive
 from common.data import DatasetError, load_dataset
+from common.distributed import (
+    LaunchError,
+    init_distributed,
+    launched_processes,
+    leave_process_group,
+    parse_launched,
+    rank0_first,
+    silence_other_ranks,
+)
 from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
 from common.recformer import (
     BackboneError,
@@ -57,7 +70,8 @@ class Args(Checked):
     batch_size: Annotated[int, Positive] = 64
     """Items per forward pass (items are sorted by token count, so batches carry little padding)."""
     device: Annotated[str, Device] = "auto"
-    """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
+    """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...; on many processes "auto", "cuda" (each process
+    takes GPU LOCAL_RANK) or "cpu"."""
     dtype: Dtype | None = None
     """Autocast precision of the encoder ("auto": bfloat16 on CUDA with bf16 support, else float32); default: the
     --dtype of the run that wrote --checkpoint (its parent's config.json), else auto. The table is stored as
@@ -84,14 +98,18 @@ def run_dtype(checkpoint: str) -> Dtype | None:
 
 def main(args: Args) -> None:
     seed_everything(args.seed)
-    device = resolve_device(args.device)
     out = args.out or default_embeddings_path(args.data)
     try:
         check_output_file(out, args.overwrite)
         data = load_dataset(args.data)
+        if launched_processes() > 1:
+            rank, world, device = init_distributed(args.device)
+        else:
+            rank, world, device = 0, 1, resolve_device(args.device)
+        silence_other_ranks(rank)
         encoder, tokenizer = load_backbone(args.checkpoint, RecformerModel, item_texts(data))
-        tokens = dataset_item_tokens(tokenizer, data)
-    except (DatasetError, BackboneError, EmbeddingFileError, OutputError) as error:
+        tokens = rank0_first(lambda: dataset_item_tokens(tokenizer, data))  # rank 0 writes the token cache
+    except (DatasetError, BackboneError, EmbeddingFileError, OutputError, LaunchError) as error:
         raise SystemExit(f"error: {error}") from None
     set_attention(encoder, args.attention)
     encoder.to(device)
@@ -99,11 +117,16 @@ def main(args: Args) -> None:
     dtype_name = args.dtype or run_dtype(args.checkpoint) or "auto"
     dtype = precision(dtype_name, device)
     print(f"encoding under --dtype {dtype_name} ({dtype or torch.float32} on {device})")
-    table = encode_items(encoder, tokens, batch_size=args.batch_size, device=device, autocast_dtype=dtype)
+    table = encode_items(
+        encoder, tokens, batch_size=args.batch_size, device=device, autocast_dtype=dtype, sharded=world > 1
+    )
     seconds = time.time() - began
-    save_item_embeddings(out, table, data, args.checkpoint)
-    print(f"wrote {out}: {data.num_items} items x {table.shape[1]} in {seconds:.1f} s")
+    if rank == 0:
+        save_item_embeddings(out, table, data, args.checkpoint)
+    print(f"wrote {out}: {data.num_items} items x {table.shape[1]} in {seconds:.1f} s, "
+          f"{data.num_items / seconds:.1f} items/s on {world} process(es)")
 
 
 if __name__ == "__main__":
-    main(parse(Args))
+    main(parse_launched(Args))
+    leave_process_group()

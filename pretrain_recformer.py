@@ -18,12 +18,8 @@ A run is deterministic for a given seed and number of processes: data order, pai
 seeds derived from (seed, epoch or step, rank), so --resume reproduces the uninterrupted run.
 """
 
-import os
-import re
 import resource
 import shutil
-import socket
-import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -40,8 +36,16 @@ from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
-from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, between, parse
+from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, between
 from common.data import DatasetError, item_attributes, read_json
+from common.distributed import (
+    from_rank0,
+    init_distributed,
+    leave_process_group,
+    parse_launched,
+    rank0_first,
+    silence_other_ranks,
+)
 from common.masking import whole_word_mask
 from common.recformer import (
     NAME_TYPE,
@@ -407,31 +411,6 @@ def epoch_plan(seed: int, epoch: int, size: int) -> tuple[np.ndarray, np.ndarray
     return rng.permutation(size), rng.random(size)
 
 
-def parse_args() -> Args:
-    # The deepspeed launcher appends --local_rank=N; the same value is in the LOCAL_RANK environment variable.
-    argv = [arg for arg in sys.argv[1:] if not re.fullmatch(r"--local[-_]rank=\d+", arg)]
-    return parse(Args, args=argv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) under deepspeed, torchrun or plain python (then a one-process group)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def fused_adam_builds() -> bool:
     """Whether DeepSpeed's fused Adam can be compiled here (it needs CUDA and a compiler)."""
     from deepspeed.accelerator import get_accelerator
@@ -471,26 +450,17 @@ def deepspeed_config(args: Args, world: int, total_steps: int, dtype: torch.dtyp
     }
 
 
-def item_tokens(tokenizer, corpus: Corpus, rank: int) -> ItemTokens:
+def item_tokens(tokenizer, corpus: Corpus) -> ItemTokens:
     """Every corpus item tokenized once and cached as arrays in <corpus>/recformer_tokens/ (rank 0 writes it)."""
-    if rank == 0:
-        tokens = cached_item_tokens(tokenizer, corpus.item_text, corpus.path / "recformer_tokens")
-    dist.barrier()
-    if rank != 0:
-        tokens = cached_item_tokens(tokenizer, corpus.item_text, corpus.path / "recformer_tokens")
-    return tokens
+    return rank0_first(lambda: cached_item_tokens(tokenizer, corpus.item_text, corpus.path / "recformer_tokens"))
 
 
-def shared_run_dir(args: Args, rank: int) -> Path:
+def shared_run_dir(args: Args) -> Path:
     """The run directory, chosen and created by rank 0 and told to the others (a default name holds a timestamp)."""
-    chosen = [None]
-    if rank == 0:
-        tag = Path(args.backbone).name
-        chosen[0] = create_run_dir(
-            args.out, "pretrain", args.data, tag, args, overwrite=args.overwrite, resume=args.resume
-        )
-    dist.broadcast_object_list(chosen, src=0)
-    return Path(chosen[0])
+    tag = Path(args.backbone).name
+    return Path(from_rank0(lambda: create_run_dir(
+        args.out, "pretrain", args.data, tag, args, overwrite=args.overwrite, resume=args.resume
+    )))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------ train
@@ -628,13 +598,11 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
         check_run_dir(args.out, args.overwrite, args)
     corpus = load_corpus(args.data)  # before any process group: a bad corpus fails fast
     rank, world, device = init_distributed()
-    if rank != 0:  # only rank 0 talks
-        sys.stdout = open(os.devnull, "w")
-        os.environ["RECSYS_QUIET"] = "1"
+    silence_other_ranks(rank)
     torch.manual_seed(args.seed)  # new layers of the backbone start the same on every rank
     model, tokenizer = load_backbone(args.backbone, RecformerForPretraining, texts=corpus.item_text)
     set_attention(model, args.attention)
-    tokens = item_tokens(tokenizer, corpus, rank)
+    tokens = item_tokens(tokenizer, corpus)
 
     global_batch = args.batch_size * world
     micro_per_epoch = len(corpus.train) // global_batch
@@ -644,7 +612,7 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
             f"{corpus.path}: {len(corpus.train)} train / {len(corpus.dev)} dev sequences are too few for one "
             f"optimizer step of {global_batch} x {args.grad_accum} sequences and one dev batch of {global_batch}"
         )
-    out = shared_run_dir(args, rank)
+    out = shared_run_dir(args)
     print(f"{len(corpus.train)} train / {len(corpus.dev)} dev sequences, {len(corpus.item_keys) - 1} items, "
           f"{world} process(es), {total_steps} optimizer steps of {global_batch * args.grad_accum} sequences")
 
@@ -672,6 +640,7 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
 
 if __name__ == "__main__":
     try:
-        main(parse_args())
+        main(parse_launched(Args))
+        leave_process_group()
     except (InputError, OutputError, DatasetError, BackboneError) as error:
         raise SystemExit(f"error: {error}") from None

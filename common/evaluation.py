@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common.data import PAD, DatasetError, SeqDataset
 from common.run import save_atomic
@@ -164,21 +165,27 @@ def evaluate(
     batch_size: int = 256,
     exclude_history: bool = False,
     seed: int = NEGATIVE_SEED,
+    sharded: bool = False,
 ) -> dict[str, float]:
     """Mean HR@k, NDCG@k (k in KS) and MRR over the users of `split`, plus "users" (how many were scored) and
     "protocol" (see `protocol`).
 
     sample_size > 0 ranks the target against that many cached negatives; <= 0 ranks it against every item.
     exclude_history removes the user's earlier items from full ranking (off by default, as in the paper).
+    sharded: every process of the default process group scores every world-th batch of users; the integer ranks
+    are summed over the processes (each user's from the one that scored it), then the metrics are summed batch by
+    batch as one process sums them, so every process returns exactly the one-process result.
     """
     require_users(data, split)
     rows, histories, targets = data.eval_split(split, max_len)
     history_ends = data.train_len[rows] + (split == "test")
     sampled = sample_size > 0
     negatives = sample_negatives(data, sample_size, seed)[rows] if sampled else None
-    sums = torch.zeros(len(metric_names()), dtype=torch.float64, device=device)
-    for start in range(0, len(rows), batch_size):
-        batch = slice(start, start + batch_size)
+
+    nan_scores = f"evaluation on {data.path} ({split}): the model produced NaN scores"
+
+    def batch_ranks(batch: slice) -> tuple[torch.Tensor, bool]:
+        """(users in batch,) 0-based target ranks, and whether any score was NaN."""
         history = torch.from_numpy(histories[batch]).to(device)
         target = torch.from_numpy(targets[batch]).to(device)
         if sampled:
@@ -193,8 +200,35 @@ def evaluate(
             valid[:, PAD] = False
             valid.scatter_(1, target[:, None], False)
             ranks = target_ranks(scores.gather(1, target[:, None])[:, 0], scores, valid)
-        if torch.isnan(scores).any():
-            raise ValueError(f"evaluation on {data.path} ({split}): the model produced NaN scores")
+        return ranks, bool(torch.isnan(scores).any())
+
+    batches = [slice(start, start + batch_size) for start in range(0, len(rows), batch_size)]
+    if sharded:
+        all_ranks, nan = _sharded_ranks(batch_ranks, batches, len(rows), device)
+        if nan:
+            raise ValueError(nan_scores)
+    sums = torch.zeros(len(metric_names()), dtype=torch.float64, device=device)
+    for batch in batches:
+        if sharded:
+            ranks = all_ranks[batch]
+        else:
+            ranks, nan = batch_ranks(batch)
+            if nan:
+                raise ValueError(nan_scores)
         sums += metric_sums(ranks)
     means = (sums / len(rows)).tolist()
     return {**dict(zip(metric_names(), means)), "users": len(rows), "protocol": protocol(sample_size)}
+
+
+def _sharded_ranks(batch_ranks, batches: list[slice], users: int, device) -> tuple[torch.Tensor, bool]:
+    """((users,) ranks of every user, whether any process saw a NaN score): this process scores batches rank,
+    rank + world, ... and the other processes the rest; integer sums, so exact. Every process learns of a NaN, so
+    all raise and none is left waiting in a collective."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    summed = torch.zeros(users + 1, dtype=torch.int64, device=device)  # users' ranks, then batches with NaN
+    ranks = summed[:users]
+    for batch in batches[rank::world]:
+        ranks[batch], nan = batch_ranks(batch)
+        summed[users] += nan
+    dist.all_reduce(summed)
+    return ranks, bool(summed[users] > 0)

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
@@ -553,23 +554,30 @@ def encode_items(
     batch_size: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    sharded: bool = False,
 ) -> torch.Tensor:
     """(rows, H) float32 pooled vectors of every row of `tokens` as a one-item sequence; row 0 (padding) zeros.
 
     Items are batched in order of token count to cut padding; the encoder runs in eval mode, without gradient.
+    sharded: every process of the default process group encodes every world-th of those batches (the same batches
+    as one process, so the same rows) and the table is summed over the ranks, each row coming from one of them.
     """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
     was_training = encoder.training
     encoder.eval()
     num_rows = len(tokens.offsets) - 1
     order = np.argsort(tokens.lengths[1:], kind="stable") + 1
     table = torch.zeros(num_rows, encoder.config.hidden_size, device=device)
-    for begin in progress(range(0, len(order), batch_size), desc="encode items", leave=False):
+    starts = range(rank * batch_size, len(order), world * batch_size)  # round robin: each rank gets short and long
+    for begin in progress(starts, desc="encode items", leave=False):
         ids = order[begin : begin + batch_size]
         batch = to_device(build_batch(tokens, ids[:, None], encoder.config), device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             pooled = encoder(**batch)[1]
         table[torch.from_numpy(ids).to(device)] = pooled.float()
     encoder.train(was_training)
+    if sharded:
+        dist.all_reduce(table)  # every other rank holds zeros in a row, so the sum is that row exactly
     return table
 
 

@@ -73,7 +73,7 @@ CASES = [
     (SASREC, "--dropout 1.5", "--dropout"),
     (SASREC, "--device cuda:7", "--device"),
     (EXPORT, "--checkpoint tiny --device gpu", "--device"),
-    (FINETUNE, "--epochs 0", "--epochs"),
+    (FINETUNE, "--epochs -1", "--epochs"),  # 0 is zero-shot evaluation
     (EXPORT, "--checkpoint tiny --batch-size 0", "--batch-size"),
     (PRETRAIN, "--local_rank=0 --grad-accum 0", "--grad-accum"),
     (PRETRAIN, "--mlm-probability 1", "--mlm-probability"),

@@ -149,33 +149,45 @@ def test_token_budget_chunks_are_an_optimal_partition():
     assert [c.tolist() for c in token_budget_chunks(np.array([50, 3]), budget=10, call_tokens=0)] == [[1], [0]]
 
 
+def without_dropout(model: RecformerForSeqRec) -> None:
+    """No dropout, so a gradient is deterministic and two computations of it can be compared."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+    for layer in model.longformer.encoder.layer:
+        layer.attention.self.dropout = 0.0
+
+
+def first_step_gradients(trainer: finetune_recformer.Trainer, seed: int) -> dict[str, torch.Tensor]:
+    """The gradients train_epoch applies in its first optimizer step (training examples drawn with `seed`); an SGD
+    step with learning rate 0 leaves the weights as they were."""
+    trainer.rng = np.random.default_rng(seed)
+    optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
+    gradients = {}
+
+    def keep_gradients(*_):
+        gradients.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+    optimizer.register_step_pre_hook(keep_gradients)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer.train_epoch(optimizer, schedule, "test", max_steps=1)
+    return gradients
+
+
 def test_a_step_averages_its_examples_however_they_are_grouped(scientific_slice):
     """One optimizer step's gradient is the gradient of the mean loss over its examples, as one call computes it."""
     data = load_dataset(scientific_slice, verbose=False)
     args = finetune_recformer.Args(data=scientific_slice, batch_size=4, grad_accum=3, device="cpu", seed=0)
     torch.manual_seed(0)
     model, tokenizer = load_backbone("tiny", RecformerForSeqRec, data.item_text)
-    for module in model.modules():  # no dropout, so both computations are deterministic
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    model.config.attention_probs_dropout_prob = 0.0
-    for layer in model.longformer.encoder.layer:
-        layer.attention.self.dropout = 0.0
+    without_dropout(model)
     trainer = finetune_recformer.Trainer(args, data, model, tokenizer)
     trainer.refresh_table()
     histories, labels = finetune_recformer.training_examples(data, 50, np.random.default_rng(0))
     step_rows = np.arange(12)
     assert len(trainer.chunks(histories[step_rows])) > 1
-    trainer.rng = np.random.default_rng(0)  # train_epoch draws the same examples
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    gradients = {}
-
-    def keep_gradients(*_):
-        gradients.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-
-    optimizer.register_step_pre_hook(keep_gradients)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer.train_epoch(optimizer, schedule, "test", max_steps=1)
+    gradients = first_step_gradients(trainer, seed=0)
     model.zero_grad()
     model.train()
     loss = model.loss(trainer.encode(histories[step_rows]), torch.from_numpy(labels[step_rows]), 0)

@@ -18,6 +18,7 @@ from conftest import REPO, SHARED_DATA
 
 import pretrain_recformer as P
 from common.data import DatasetError
+from common.distributed import free_port, parse_launched
 from common.run import OutputError
 
 PYTHON = sys.executable
@@ -33,7 +34,8 @@ WORKER = textwrap.dedent(f"""
     sys.path.insert(0, {str(REPO)!r})
     import torch, torch.distributed as dist
     import pretrain_recformer as P
-    out, engine = P.main(P.parse_args())
+    from common.distributed import parse_launched
+    out, engine = P.main(parse_launched(P.Args))
     rank, world = dist.get_rank(), dist.get_world_size()
     weights = {{name: t.detach().float().cpu() for name, t in engine.module.model.state_dict().items()}}
     torch.save(weights, out / f"rank{{rank}}.pt")
@@ -105,7 +107,7 @@ def launch(corpus: Path, out: Path, *extra: str, processes: int = 1, launcher: s
         command = [str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", str(processes), *args]
     elif processes > 1:
         command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", str(P.free_port()), *args]  # fmt: skip
+                   "--master_port", str(free_port()), *args]  # fmt: skip
     else:
         command = [PYTHON, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO))
@@ -296,4 +298,4 @@ def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path):
 
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pretrain_recformer.py", "--local_rank=1", "--zero-stage", "3"])
-    assert P.parse_args().zero_stage == 3
+    assert parse_launched(P.Args).zero_stage == 3
