@@ -2,6 +2,7 @@
 loss. Runs are subprocesses started the ways users start them: python (one process), torchrun and the deepspeed
 launcher (two processes)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from conftest import REPO, SHARED_DATA
 import pretrain_recformer as P
 from common.data import DatasetError
 from common.distributed import free_port, parse_launched
-from common.run import OutputError
+from common.run import OutputError, write_json_atomic
 
 PYTHON = sys.executable
 WINDOW = 4  # items per corpus sequence: short sequences keep every encoder pass cheap
@@ -252,6 +253,7 @@ def test_zero0_bf16_saves_the_fp32_masters_and_resume_skips_a_truncated_step(cor
 def test_resume_without_an_intact_step_names_the_broken_ones(tmp_path):
     (tmp_path / "deepspeed" / "step00000004").mkdir(parents=True)
     (tmp_path / "deepspeed" / "latest").write_text("step00000005")
+    write_json_atomic(tmp_path / "config.json", P.Args(data=tmp_path / "corpus", out=tmp_path))
     with pytest.raises(P.InputError) as error:
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True))
     message = str(error.value)
@@ -299,3 +301,13 @@ def test_a_fresh_run_never_overwrites_a_previous_one(tmp_path):
 def test_the_deepspeed_launchers_local_rank_argument_is_accepted(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["pretrain_recformer.py", "--local_rank=1", "--zero-stage", "3"])
     assert parse_launched(P.Args).zero_stage == 3
+
+
+def test_resume_refuses_settings_that_make_another_run(tmp_path):
+    (tmp_path / "deepspeed").mkdir()
+    started = P.Args(data=tmp_path / "corpus", out=tmp_path, max_steps=9)
+    write_json_atomic(tmp_path / "config.json", started)
+    with pytest.raises(P.InputError, match=r"config.json: --resume with other settings .*\(--lr, --seed\)"):
+        P.main(dataclasses.replace(started, resume=True, max_steps=0, lr=1.0, seed=7))
+    with pytest.raises(P.InputError, match="no intact checkpoint"):  # bounds may change: the check passes
+        P.main(dataclasses.replace(started, resume=True, max_steps=0, save_every=3))
