@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.run import file_on_the_way, protected_path_inside, save_atomic
+from common.run import protected_path_inside, refuse_file_on_the_way, save_atomic
 
 PAD = 0
 SPLIT_FILES = ("train.json", "val.json", "test.json")
@@ -349,11 +349,7 @@ def check_replaceable(out: Path, overwrite: bool, config=None) -> None:
     there, and nothing else but optional meta_data.json and the stages' caches (an exported embedding table inside
     is the user's work, so it needs --overwrite too)."""
     out = Path(out)
-    blocker = file_on_the_way(out)
-    if blocker == out:
-        raise DatasetError(f"{out}: is a file, not a dataset directory")
-    if blocker is not None:
-        raise DatasetError(f"{out}: cannot be a dataset directory, {blocker} is a file")
+    refuse_file_on_the_way(out, "dataset directory", DatasetError)
     if not out.is_dir():
         return
     protected = protected_path_inside(out, config)

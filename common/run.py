@@ -199,6 +199,15 @@ def file_on_the_way(path: Path) -> Path | None:
     return None
 
 
+def refuse_file_on_the_way(out: Path, kind: str, error: type[Exception]) -> None:
+    """Raise `error` when directory `out` is a file or lies under one (`kind` names what it should be)."""
+    blocker = file_on_the_way(out)
+    if blocker == out:
+        raise error(f"{out}: is a file, not a {kind}")
+    if blocker is not None:
+        raise error(f"{out}: cannot be a {kind}, {blocker} is a file")
+
+
 def _input_paths(config) -> list[Path]:
     """The existing paths named by the fields of a configuration dataclass other than `out` (Path values, and
     strings such as a backbone directory), flattening tuples of paths."""
@@ -236,11 +245,7 @@ def check_run_dir(out: Path | None, overwrite: bool, config=None) -> None:
     if out is None:
         return
     out = Path(out)
-    blocker = file_on_the_way(out)
-    if blocker == out:
-        raise OutputError(f"{out}: is a file, not a run directory")
-    if blocker is not None:
-        raise OutputError(f"{out}: cannot be a run directory, {blocker} is a file")
+    refuse_file_on_the_way(out, "run directory", OutputError)
     if not (out.is_dir() and any(out.iterdir())):
         return
     if not overwrite:

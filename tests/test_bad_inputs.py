@@ -24,6 +24,8 @@ from conftest import REPO
 def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     """A private copy of the synthetic dataset (120 items) and broken files of every kind, by short name."""
     from common.recformer import RecformerConfig
+    from common.run import write_json_atomic
+    from pretrain_recformer import Args as PretrainArgs
 
     root = tmp_path_factory.mktemp("bad_inputs")
     data = root / "data"
@@ -48,6 +50,7 @@ def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     paths["broken-run"] = root / "broken-run"  # a pre-training run whose only checkpoint lost its model file
     (paths["broken-run"] / "deepspeed" / "step00000002").mkdir(parents=True)
     (paths["broken-run"] / "deepspeed" / "latest").write_text("step00000002")
+    write_json_atomic(paths["broken-run"] / "config.json", PretrainArgs(data=paths["data"], out=paths["broken-run"]))
     return paths
 
 
