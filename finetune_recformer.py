@@ -279,7 +279,8 @@ class Trainer:
         self.model.train()
         histories, labels = training_examples(self.data, self.max_items, self.rng)  # the same on every process
         per_step = self.examples_per_step
-        total, seen, steps = 0.0, 0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no host sync per call
+        seen, steps = 0, 0
         bar = progress(range(0, len(labels), per_step), desc=desc, leave=False)
         for begin in bar:
             step_rows = np.arange(begin, min(begin + per_step, len(labels)))
@@ -289,7 +290,7 @@ class Trainer:
                 label = torch.from_numpy(labels[rows]).to(self.device)
                 loss = self.model.loss(self.encode(histories[rows]), label, self.args.finetune_negatives)
                 self.scaler.scale(loss * (len(rows) * self.world / len(step_rows))).backward()
-                total += loss.item() * len(rows)
+                total += loss.detach().double() * len(rows)
             seen += len(local_rows)
             if self.world > 1:
                 average_gradients(self.model, self.world)
@@ -299,14 +300,15 @@ class Trainer:
             schedule.step()
             self.weights_version += 1
             steps += 1
-            bar.set_postfix(loss=f"{total / max(1, seen):.4f}")
+            if steps % 10 == 0:  # reading the loss waits for the device, so not every step
+                bar.set_postfix(loss=f"{float(total) / max(1, seen):.4f}")
             if steps == max_steps:
                 break
         if self.world > 1:
-            sums = torch.tensor([total, seen], dtype=torch.float64, device=self.device)
+            sums = torch.stack([total, total.new_tensor(seen)])
             dist.all_reduce(sums)
-            total, seen = sums[0].item(), int(sums[1].item())
-        return total / max(1, seen), steps, seen
+            total, seen = sums[0], int(sums[1].item())
+        return float(total) / max(1, seen), steps, seen
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
