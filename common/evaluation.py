@@ -43,9 +43,12 @@ def check_sample_size(data: SeqDataset, sample_size: int) -> None:
 
     Checked when a run starts, so an impossible --sample-size never costs an epoch of training first.
     """
-    if sample_size <= 0:
-        return
-    seen_keys = data.user_item_keys()
+    if sample_size > 0:
+        _check_unseen_counts(data, sample_size, data.user_item_keys())
+
+
+def _check_unseen_counts(data: SeqDataset, sample_size: int, seen_keys: np.ndarray) -> None:
+    """check_sample_size on the dataset's (user, item) keys, for callers that already hold them."""
     unseen = data.num_items - np.bincount(seen_keys // (data.num_items + 1), minlength=data.num_users)
     short = np.flatnonzero(unseen < sample_size)
     if len(short):
@@ -114,8 +117,8 @@ def require_users(data: SeqDataset, *splits: str) -> None:
 def _draw_unseen_items(data: SeqDataset, n: int, rng: np.random.Generator) -> np.ndarray:
     """Rejection sampling, vectorized over users: the first n distinct unseen items of an i.i.d. uniform stream
     form a uniform sample without replacement. Rows that run short are redrawn with a longer stream."""
-    check_sample_size(data, n)
     seen_keys = data.user_item_keys()
+    _check_unseen_counts(data, n, seen_keys)
     negatives = np.zeros((data.num_users, n), dtype=np.int64)
     pending = np.arange(data.num_users)
     stream = 2 * n + 16
