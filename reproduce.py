@@ -41,7 +41,7 @@ import train_sasrec
 from common.cli import Checked, Device, NonNegative, Positive, parse
 from common.data import load_dataset
 from common.embeddings import load_item_embeddings
-from common.run import write_json_atomic
+from common.run import save_atomic, write_json_atomic
 
 TRAINERS = {"sasrec": train_sasrec, "bert4rec": train_bert4rec}
 MODEL_NAMES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}
@@ -313,7 +313,7 @@ def plot_results(summary: list[dict], out: Path) -> None:
                 draw(axes[row, column], entries)
                 axes[row, column].set_title(f"{MODEL_NAMES[model]}, {protocol}")
         figure.tight_layout()
-        figure.savefig(out / filename, dpi=110)
+        save_atomic(out / filename, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
         plt.close(figure)
 
 
@@ -363,7 +363,7 @@ def main(args: Args) -> dict:
         {"args": args, "width": width, "runs": records, "missing": missing, "summary": summary},
     )
     markdown = results_markdown(summary, records, args, width, missing)
-    (args.out / "results.md").write_text(markdown, encoding="utf-8")
+    save_atomic(args.out / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     plot_results(summary, args.out)
     print(markdown)
     print(f"wrote {args.out}/results.md, results.json, test_ndcg10.png, val_ndcg10.png in {time.time() - began:.0f} s")
