@@ -1,4 +1,5 @@
-"""Small helpers every training stage shares: seeding, device choice, the run directory, atomic writes, early stopping.
+"""Small helpers every training stage shares: seeding, device choice, the run directory, atomic writes, early
+stopping, TensorBoard scalars.
 
 Helpers, not a trainer: each stage script keeps its own loop.
 """
@@ -301,3 +302,27 @@ class EarlyStopping:
 def progress(iterable: Iterable, **tqdm_kwargs) -> tqdm:
     """A tqdm bar; set RECSYS_QUIET=1 to silence bars (tests, logs)."""
     return tqdm(iterable, disable=os.environ.get("RECSYS_QUIET") == "1" or None, dynamic_ncols=True, **tqdm_kwargs)
+
+
+class Scalars:
+    """Training curves for TensorBoard: event files under <run_dir>/tensorboard/, written on this machine only
+    (`tensorboard --logdir runs` shows every run). Disabled (--no-tensorboard, or a process other than rank 0 of a
+    multi-process run), every call does nothing, so a stage logs the same way either way."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # imported on use: it takes a second to load
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def add(self, step: int, **values: float) -> None:
+        """One point per value at x = step; names with a slash group curves ("train/loss", "val/NDCG@10")."""
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, float(value), step)
+
+    def close(self) -> None:
+        """Write what is buffered (the writer otherwise flushes every two minutes)."""
+        if self.writer is not None:
+            self.writer.close()

@@ -56,3 +56,16 @@ def scientific(shared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("scientific") / "scientific"
     write_dataset(out, sequences, None)
     return out
+
+
+@pytest.fixture
+def read_scalars():
+    """read_scalars(run_dir) -> {tag: [(step, value), ...]} from the TensorBoard event files under run_dir/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def read(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    return read

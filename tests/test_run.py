@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.run import EarlyStopping, append_jsonl, create_run_dir, save_atomic, write_json_atomic
+from common.run import EarlyStopping, Scalars, append_jsonl, create_run_dir, save_atomic, write_json_atomic
 
 
 def test_save_atomic_keeps_previous_file_on_failure(tmp_path):
@@ -61,3 +61,18 @@ def test_run_dir_and_logs(tmp_path, monkeypatch):
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     write_json_atomic(run / "test_metrics.json", {"NDCG@10": 0.5})
     assert json.loads((run / "test_metrics.json").read_text()) == {"NDCG@10": 0.5}
+
+
+def test_scalars_reach_tensorboard_event_files(tmp_path, read_scalars):
+    scalars = Scalars(tmp_path)
+    scalars.add(1, **{"train/loss": 2.5, "lr": 0.1})
+    scalars.add(2, **{"train/loss": 1.5})
+    scalars.close()
+    assert read_scalars(tmp_path) == {"train/loss": [(1, 2.5), (2, 1.5)], "lr": [(1, pytest.approx(0.1))]}
+
+
+def test_disabled_scalars_write_nothing(tmp_path):
+    scalars = Scalars(tmp_path, enabled=False)
+    scalars.add(1, loss=1.0)
+    scalars.close()
+    assert list(tmp_path.iterdir()) == []
