@@ -33,6 +33,7 @@ from typing import Annotated, Literal, get_args
 import torch
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputFile, Positive
+from common.convert_recformer import BackboneError, load_backbone
 from common.data import DatasetError, load_dataset
 from common.distributed import (
     LaunchError,
@@ -44,16 +45,9 @@ from common.distributed import (
     silence_other_ranks,
 )
 from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
-from common.recformer import (
-    BackboneError,
-    RecformerModel,
-    dataset_item_tokens,
-    encode_items,
-    item_texts,
-    load_backbone,
-    set_attention,
-)
+from common.modeling_recformer import RecformerModel, encode_items, set_attention
 from common.run import OutputError, check_output_file, precision, resolve_device, seed_everything
+from common.tokenization_recformer import dataset_item_tokens, item_texts
 
 
 @dataclass

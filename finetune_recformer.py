@@ -16,8 +16,9 @@ none) are the input, the item at it the label. Loss: softmax over all items, or 
 Evaluation is the shared code (common/evaluation.py) with the same cached negatives as SASRec and BERT4Rec.
 
 Padding-free batches: an optimizer step's batch_size x grad_accum examples (users in random order, as before) are
-sorted by token count and cut into encoder calls by common.recformer.token_budget_chunks; each call's mean loss is
-weighted by its share of the step, so the step's gradient is the step's mean loss gradient, as with equal micro-batches.
+sorted by token count and cut into encoder calls by common.tokenization_recformer.token_budget_chunks; each call's
+mean loss is weighted by its share of the step, so the step's gradient is the step's mean loss gradient, as with equal
+micro-batches.
 Evaluation batches are grouped the same way. The item table is encoded only when the weights changed since its last
 encoding (--max-steps bounds each stage for quick experiments).
 
@@ -56,6 +57,7 @@ from safetensors.torch import load_file
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive
+from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.distributed import (
     LaunchError,
@@ -69,34 +71,29 @@ from common.distributed import (
 )
 from common.embeddings import EmbeddingFileError, load_item_embeddings, save_item_embeddings
 from common.evaluation import check_sample_size, evaluate, require_users, result_line, sample_negatives
-from common.recformer import (
-    BackboneError,
-    ItemTokens,
-    RecformerForSeqRec,
-    RecformerTokenizer,
-    build_batch,
-    dataset_item_tokens,
-    encode_items,
-    item_texts,
-    load_backbone,
-    parameter_groups,
-    save_checkpoint,
-    sequence_token_counts,
-    set_attention,
-    to_device,
-    token_budget_chunks,
-)
+from common.modeling_recformer import RecformerForSeqRec, encode_items, set_attention
 from common.run import (
     EarlyStopping,
     OutputError,
     append_jsonl,
     check_run_dir,
     create_run_dir,
+    parameter_groups,
     precision,
     progress,
     resolve_device,
     seed_everything,
+    to_device,
     write_json_atomic,
+)
+from common.tokenization_recformer import (
+    ItemTokens,
+    RecformerTokenizer,
+    build_batch,
+    dataset_item_tokens,
+    item_texts,
+    sequence_token_counts,
+    token_budget_chunks,
 )
 
 BEST_METRIC = "NDCG@10"

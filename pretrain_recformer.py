@@ -38,6 +38,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
 from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, between
+from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import DatasetError, item_attributes, read_json
 from common.distributed import (
     from_rank0,
@@ -48,21 +49,19 @@ from common.distributed import (
     silence_other_ranks,
 )
 from common.masking import whole_word_mask
-from common.recformer import (
-    NAME_TYPE,
-    VALUE_TYPE,
-    BackboneError,
-    ItemTokens,
-    RecformerForPretraining,
-    build_batch,
-    cached_item_tokens,
-    load_backbone,
+from common.modeling_recformer import RecformerForPretraining, set_attention
+from common.run import (
+    OutputError,
+    append_jsonl,
+    check_run_dir,
+    create_run_dir,
     parameter_groups,
-    save_checkpoint,
-    set_attention,
+    precision,
+    progress,
+    save_atomic,
     to_device,
 )
-from common.run import OutputError, append_jsonl, check_run_dir, create_run_dir, precision, progress, save_atomic
+from common.tokenization_recformer import NAME_TYPE, VALUE_TYPE, ItemTokens, build_batch, cached_item_tokens
 
 
 @dataclass
@@ -70,8 +69,8 @@ class Args(Checked):
     data: Path = Path("data/corpus")
     """corpus directory with train.json, dev.json and meta_data.json (`prepare_data.py pretrain-corpus` builds one)"""
     backbone: str = "tiny"
-    """model to start from: any form `common/recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder, Recformer
-    checkpoint directory, the paper's .bin files, or `tiny`)"""
+    """model to start from: any form `common/convert_recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder,
+    Recformer checkpoint directory, the paper's .bin files, or `tiny`)"""
     out: Annotated[Path | None, OutputDir] = None
     """run directory (default runs/pretrain/<corpus>-<backbone>-<timestamp>)"""
     overwrite: bool = False
@@ -474,8 +473,8 @@ class Run:
     args: Args
     corpus: Corpus
     tokens: ItemTokens
-    tokenizer: object  # common.recformer.RecformerTokenizer
-    config: object  # common.recformer.RecformerConfig
+    tokenizer: object  # common.tokenization_recformer.RecformerTokenizer
+    config: object  # common.modeling_recformer.RecformerConfig
     frozen: dict  # fp32 values of frozen parameters, by name
     out: Path
     rank: int

@@ -39,22 +39,27 @@ from transformers import BertConfig, BertModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import finetune_recformer  # noqa: E402
+from common.convert_recformer import load_backbone  # noqa: E402
 from common.data import load_dataset  # noqa: E402
-from common.recformer import (  # noqa: E402
-    ItemTokens,
+from common.modeling_recformer import (  # noqa: E402
     RecformerConfig,
     RecformerForSeqRec,
     RecformerModel,
+    encode_items,
+    set_attention,
+)
+from common.run import (  # noqa: E402
+    resolve_device,
+    seed_everything,
+    to_device,  # noqa: E402
+)
+from common.tokenization_recformer import (  # noqa: E402
+    ItemTokens,
     build_batch,
     dataset_item_tokens,
-    encode_items,
-    load_backbone,
     sequence_token_counts,
-    set_attention,
-    to_device,
     token_budget_chunks,
 )
-from common.run import resolve_device, seed_everything  # noqa: E402
 
 
 @dataclass

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     """A private copy of the synthetic dataset (120 items) and broken files of every kind, by short name."""
-    from common.recformer import RecformerConfig
+    from common.modeling_recformer import RecformerConfig
     from common.run import write_json_atomic
     from pretrain_recformer import Args as PretrainArgs
 

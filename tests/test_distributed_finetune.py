@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
 from test_finetune import without_dropout
 
 import export_embeddings
 import finetune_recformer
+from common.convert_recformer import load_backbone
 from common.data import load_dataset
 from common.distributed import free_port, parse_launched
-from common.recformer import RecformerForSeqRec, build_batch, dataset_item_tokens, load_backbone
+from common.modeling_recformer import RecformerForSeqRec
+from common.tokenization_recformer import build_batch, dataset_item_tokens
 
 PYTHON = sys.executable
 SAMPLE_SIZE = 50

@@ -10,15 +10,10 @@ from safetensors.torch import load_file
 
 import export_embeddings
 import finetune_recformer
+from common.convert_recformer import load_backbone, save_checkpoint
 from common.data import load_dataset
-from common.recformer import (
-    RecformerForSeqRec,
-    build_batch,
-    dataset_item_tokens,
-    encode_items,
-    load_backbone,
-    save_checkpoint,
-)
+from common.modeling_recformer import RecformerForSeqRec, encode_items
+from common.tokenization_recformer import build_batch, dataset_item_tokens
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,10 @@ from safetensors.torch import load_file
 import export_embeddings
 import finetune_recformer
 from common.cli import FlagError
+from common.convert_recformer import load_backbone
 from common.data import load_dataset, write_dataset
-from common.recformer import (
-    RecformerForSeqRec,
-    build_batch,
-    dataset_item_tokens,
-    load_backbone,
-    sequence_token_counts,
-    token_budget_chunks,
-)
+from common.modeling_recformer import RecformerForSeqRec
+from common.tokenization_recformer import build_batch, dataset_item_tokens, sequence_token_counts, token_budget_chunks
 from prepare_data import Lcrec, build_lcrec
 
 USERS = 60

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.recformer import RecformerConfig, RecformerForSeqRec, RecformerModel, set_attention
+from common.modeling_recformer import RecformerConfig, RecformerForSeqRec, RecformerModel, set_attention
 from common import recformer_attention
 from common.recformer_attention import KERNELS, run_encoder
 

@@ -1,4 +1,4 @@
-"""Recformer model, item/sequence tokenizer and backbone conversions (common/recformer.py)."""
+"""Recformer model, item/sequence tokenizer and backbone conversions (common/*_recformer.py)."""
 
 import numpy as np
 import pytest
@@ -7,22 +7,17 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LongformerConfig, LongformerForMaskedLM, PreTrainedTokenizerFast
 
+from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import load_dataset, write_dataset
-from common.recformer import (
-    BackboneError,
-    ItemTokens,
+from common.modeling_recformer import (
     RecformerConfig,
     RecformerForPretraining,
     RecformerForSeqRec,
     RecformerModel,
-    RecformerTokenizer,
-    build_batch,
-    dataset_item_tokens,
     encode_items,
-    load_backbone,
     roberta_position_ids,
-    save_checkpoint,
 )
+from common.tokenization_recformer import ItemTokens, RecformerTokenizer, build_batch, dataset_item_tokens
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "title", "brand", "red", "lamp", "acme", "##s", "blue", "cup"]
 ID = {token: i for i, token in enumerate(VOCAB)}
