@@ -4,10 +4,28 @@
 """
 
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from tyro.conf import Positional, arg
+
+from common.cli import Checked, FlagError, parse, rule
 
 COLUMNS = ("HR@1", "HR@10", "NDCG@10", "NDCG@50", "MRR")
+
+NamedRun = rule(lambda pair: pair.partition("=")[0] != "" and pair.partition("=")[2] != "", "must be NAME=RUN_DIR")
+
+
+@dataclass
+class Args(Checked):
+    runs: Annotated[Positional[tuple[str, ...]], arg(metavar="NAME=RUN_DIR"), NamedRun]
+    """Rows of the table, in order: a row name, "=", and a run directory holding test_metrics.json."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.runs:
+            raise FlagError("runs", "needs at least one NAME=RUN_DIR", self.runs)
 
 
 def comparison_table(runs: dict[str, Path]) -> str:
@@ -24,7 +42,5 @@ def comparison_table(runs: dict[str, Path]) -> str:
 
 
 if __name__ == "__main__":
-    pairs = [argument.split("=", 1) for argument in sys.argv[1:]]
-    if not pairs or any(len(pair) != 2 for pair in pairs):
-        raise SystemExit("usage: python -m common.report NAME=RUN_DIR [NAME=RUN_DIR ...]")
-    print(comparison_table({name: Path(run) for name, run in pairs}))
+    args = parse(Args)
+    print(comparison_table({name: Path(run) for name, _, run in (pair.partition("=") for pair in args.runs)}))
