@@ -39,7 +39,6 @@ from common.data import (
     check_replaceable,
     has_text,
     load_dataset,
-    replace_dir_atomically,
     write_dataset,
 )
 from common.run import progress, save_atomic
@@ -635,12 +634,15 @@ def corpus_sequences(data: SeqDataset, train_only: bool) -> tuple[list[list[str]
 
 
 def write_corpus(out: Path, train: list[list[str]], dev: list[list[str]], meta: ItemMeta, stats: dict) -> None:
+    """The corpus directory, swapped in atomically (a reader never sees half of it; a failure keeps the old one)."""
+
     def build(tmp: Path) -> None:
+        tmp.mkdir()
         for name, obj in (("train.json", train), ("dev.json", dev), ("meta_data.json", meta), ("stats.json", stats)):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 json.dump(obj, f, ensure_ascii=False)
 
-    replace_dir_atomically(build, out)
+    save_atomic(out, build)
 
 
 def _corpus_part(directories: list[Path], train_only: bool) -> tuple[list[list[str]], ItemMeta, int, int]:

@@ -331,17 +331,6 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, ensure_ascii=False)
 
 
-def replace_dir_atomically(build, out: Path) -> None:
-    """Call build(tmp_dir) on a new empty directory, then swap it onto `out` (common.run.save_atomic), so readers
-    never see a half-written directory and an error or a kill never loses the previous `out`."""
-
-    def write(tmp: Path) -> None:
-        tmp.mkdir()
-        build(tmp)
-
-    save_atomic(Path(out), write)
-
-
 def check_replaceable(out: Path, overwrite: bool, config=None) -> None:
     """Refuse, before any work, an output directory prepare_data.py may not replace: a file, a path under a file,
     a directory holding the current directory or an input named in `config`, or (unless `overwrite`) a non-empty
@@ -378,7 +367,7 @@ def write_dataset(
     Items get 1-based ids in `item_order` (to keep an existing numbering), else in order of first appearance; users
     in the given order. Leave-one-out split: the last item
     is the test target, the one before it the validation target, the rest is training history; users with fewer
-    than 3 items keep everything in train. The directory appears atomically (temp dir, then rename).
+    than 3 items keep everything in train. The directory is swapped in atomically (common.run.save_atomic).
     """
     out = Path(out)
     if not sequences:
@@ -401,6 +390,7 @@ def write_dataset(
             raise DatasetError(f"{out}: item {missing!r} has no meta data")
 
     def build(tmp: Path) -> None:
+        tmp.mkdir()
         for name, split in zip(SPLIT_FILES, (train, val, test)):
             _write_json(tmp / name, split)
         _write_json(tmp / "smap.json", smap)
@@ -410,5 +400,5 @@ def write_dataset(
         stats = dataset_stats(load_dataset(tmp, verbose=False))
         _write_json(tmp / "stats.json", stats)
 
-    replace_dir_atomically(build, out)
+    save_atomic(out, build)
     return json.loads((out / "stats.json").read_text(encoding="utf-8"))
