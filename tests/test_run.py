@@ -1,7 +1,9 @@
 """Run utilities: atomic writes keep the old file on failure, early stopping, run directories."""
 
+import importlib
 import json
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -46,21 +48,52 @@ def test_early_stopping():
 
 
 @dataclass
+class Inner:
+    path: Path = Path("a/b")
+
+
+@dataclass
 class Config:
     data: Path = Path("data/synthetic")
     lr: float = 1e-3
+    dirs: tuple[Path, ...] = (Path("x"), Path("y/z"))
+    inner: Inner = field(default_factory=Inner)
+    embeddings: Path | None = None
 
 
-def test_run_dir_and_logs(tmp_path, monkeypatch):
+def test_run_dir_records_the_configuration_as_plain_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = create_run_dir(None, "sasrec", Path("data/synthetic"), "none", Config())
     assert run.parent == Path("runs/sasrec") and run.name.startswith("synthetic-none-")
-    assert json.loads((run / "config.json").read_text()) == {"data": "data/synthetic", "lr": 1e-3}
-    append_jsonl(run / "metrics.jsonl", {"epoch": 1})
-    append_jsonl(run / "metrics.jsonl", {"epoch": 2})
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    write_json_atomic(run / "test_metrics.json", {"NDCG@10": 0.5})
-    assert json.loads((run / "test_metrics.json").read_text()) == {"NDCG@10": 0.5}
+    assert json.loads((run / "config.json").read_text()) == {
+        "data": "data/synthetic", "lr": 1e-3, "dirs": ["x", "y/z"], "inner": {"path": "a/b"}, "embeddings": None,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ["train_sasrec", "train_bert4rec", "finetune_recformer", "pretrain_recformer"])
+def test_config_json_rebuilds_the_stage_arguments(tmp_path, script):
+    """config.json holds every flag of a stage, so the run can be told apart from another (reproduce.py and --resume
+    compare it) and started again: Args rebuilt from it equal the Args that wrote it."""
+    module = importlib.import_module(script)
+    args = module.Args(data=tmp_path / "data", out=tmp_path / "run", seed=7, lr=0.5)
+    run = create_run_dir(args.out, script, args.data, "tag", args)
+    saved = json.loads((run / "config.json").read_text())
+    hints = typing.get_type_hints(module.Args)
+    paths = {name for name, hint in hints.items() if "Path" in str(hint)}
+    rebuilt = module.Args(**{k: Path(v) if k in paths and v is not None else v for k, v in saved.items()})
+    assert rebuilt == args
+
+
+def test_metrics_files_append_and_replace(tmp_path):
+    append_jsonl(tmp_path / "metrics.jsonl", {"epoch": 1, "path": Path("p")})
+    append_jsonl(tmp_path / "metrics.jsonl", {"epoch": 2})
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"epoch": 1, "path": "p"}, {"epoch": 2},
+    ]  # fmt: skip
+    write_json_atomic(tmp_path / "test_metrics.json", {"NDCG@10": 0.5})
+    write_json_atomic(tmp_path / "test_metrics.json", {"NDCG@10": 0.25})
+    assert json.loads((tmp_path / "test_metrics.json").read_text()) == {"NDCG@10": 0.25}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "test_metrics.json"]
 
 
 def test_scalars_reach_tensorboard_event_files(tmp_path, read_scalars):
