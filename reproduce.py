@@ -199,11 +199,16 @@ def stage_args(args: Args, run: Run, run_dir: Path, table: Path | None, width: i
     )
 
 
+# Flags that change where a run writes or what it logs, not what it computes: a finished run is reused whatever they
+# were (runs finished before a logging flag existed have none recorded).
+NOT_SETTINGS = {"out", "tensorboard", "log_every"}
+
+
 def check_settings(run_dir: Path, settings) -> None:
     """A finished run is reused only if its config.json holds the settings this call would give it."""
     recorded = json.loads((run_dir / "config.json").read_text())
     wanted = json.loads(json.dumps(asdict(settings), default=str))  # as config.json stores it: paths as strings
-    differing = sorted(key for key in wanted if key != "out" and recorded.get(key) != wanted[key])
+    differing = sorted(key for key in wanted if key not in NOT_SETTINGS and recorded.get(key) != wanted[key])
     if differing:
         raise SystemExit(
             f"error: {run_dir}: finished with other settings ({', '.join(differing)}); use another --out or remove it"

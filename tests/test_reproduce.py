@@ -89,7 +89,15 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
     assert stage_calls == ["train_bert4rec"]
     assert not (crashed / "stray").exists() and (crashed / "test_metrics.json").exists()
 
+    config_file = out / "runs" / "sasrec-random-none-sampled-20-seed42" / "config.json"
+    config = json.loads(config_file.read_text())
+    for flag in reproduce.NOT_SETTINGS - {"out"}:  # as in a run finished before the logging flags existed
+        del config[flag]
+    config_file.write_text(json.dumps(config))
     stage_calls.clear()
+    reproduce.main(args)
+    assert stage_calls == []
+
     with pytest.raises(SystemExit, match=r"finished with other settings \(epochs\)"):
         reproduce.main(dataclasses.replace(args, epochs=2))
     assert stage_calls == []
