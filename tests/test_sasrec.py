@@ -1,9 +1,8 @@
 """SASRec: the block against torch's MultiheadAttention (the paper's layer), causality, padding invariance, negatives,
-losses against brute force, learning on real data, the run directory, the test of the best checkpoint, TensorBoard
-scalars and the command line."""
+losses against brute force, learning on real data, the run directory and the command line (the training loop's
+checkpoint and TensorBoard logs: test_seqrec_training.py)."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch
 import tyro
 
 from common.data import PAD, load_dataset, write_dataset
-from common.evaluation import evaluate, metric_names
 from common.seqrec import hidden_at, last_hidden
 from train_sasrec import (
     Args,
@@ -23,7 +21,6 @@ from train_sasrec import (
     ce_loss,
     draw_negatives,
     main,
-    make_scorer,
     next_item_pairs,
     training_history_keys,
 )
@@ -206,97 +203,6 @@ def test_run_directory_and_determinism(synthetic_data, tmp_path):
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     best_epoch = max(lines, key=lambda line: line["NDCG@10"])["epoch"]
     assert checkpoint["epoch"] == best_epoch == test["best_epoch"]
-
-
-@pytest.fixture(scope="module")
-def best_not_last(synthetic_data, tmp_path_factory) -> tuple[Args, Path]:
-    """A run whose best validation epoch (2 of 5) is not its last: lr 0.1 overshoots, patience lets it go on.
-    log_every is the number of steps per epoch (300 users / 128), so each train/loss point is one epoch's mean."""
-    args = Args(
-        data=synthetic_data,
-        out=tmp_path_factory.mktemp("sasrec") / "run",
-        hidden_size=16,
-        num_heads=2,
-        lr=0.1,
-        epochs=5,
-        patience=5,
-        sample_size=20,
-        log_every=3,
-        device="cpu",
-    )
-    main(args)
-    return args, args.out
-
-
-def read_lines(run_dir: Path) -> tuple[list[dict], dict]:
-    """metrics.jsonl's records and test_metrics.json."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return lines, json.loads((run_dir / "test_metrics.json").read_text())
-
-
-def test_test_metrics_come_from_the_reloaded_best_checkpoint(best_not_last):
-    args, run_dir = best_not_last
-    lines, test = read_lines(run_dir)
-    best = max(lines, key=lambda line: line["NDCG@10"])
-    assert test["best_epoch"] == best["epoch"] < len(lines)  # the run trained on after its best epoch
-    assert test["val_NDCG@10"] == best["NDCG@10"]
-    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
-    assert checkpoint["epoch"] == best["epoch"]
-    data = load_dataset(args.data)
-    model = SASRec(data.num_items, args)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    with torch.no_grad():
-        expected = evaluate(
-            make_scorer(model, model, args, torch.device("cpu")),
-            data,
-            "test",
-            max_len=args.max_len,
-            sample_size=args.sample_size,
-            device="cpu",
-            batch_size=args.eval_batch_size,
-        )
-    assert {name: test[name] for name in expected} == expected
-
-
-def as_logged(value: float) -> float:
-    """A value as TensorBoard stores it (float32)."""
-    return float(np.float32(value))
-
-
-def test_tensorboard_mirrors_metrics_jsonl(best_not_last, read_scalars):
-    args, run_dir = best_not_last
-    lines, test = read_lines(run_dir)
-    scalars = read_scalars(run_dir)
-    for name in metric_names():
-        assert scalars[f"val/{name}"] == [(line["epoch"], as_logged(line[name])) for line in lines]
-        assert scalars[f"test/{name}"] == [(test["best_epoch"], as_logged(test[name]))]
-    steps_per_epoch = math.ceil(len(next_item_pairs(load_dataset(args.data), args.max_len)[0]) / args.batch_size)
-    assert steps_per_epoch == args.log_every
-    # One point per log_every optimizer steps at x = the global step, each the mean since the previous point.
-    assert scalars["train/loss"] == [(line["epoch"] * steps_per_epoch, as_logged(line["train_loss"])) for line in lines]
-    assert scalars["train/lr"] == [(step, as_logged(args.lr)) for step, _ in scalars["train/loss"]]
-    throughput = scalars["train/sequences_per_s"]
-    assert [epoch for epoch, _ in throughput] == [line["epoch"] for line in lines]
-    assert all(value > 0 for _, value in throughput)
-
-
-def test_log_every_counts_steps_across_epochs(synthetic_data, tmp_path, read_scalars):
-    args = Args(
-        data=synthetic_data,
-        out=tmp_path / "run",
-        hidden_size=8,
-        num_blocks=1,
-        epochs=2,
-        batch_size=64,
-        sample_size=20,
-        log_every=4,
-        device="cpu",
-    )
-    main(args)
-    assert len(next_item_pairs(load_dataset(args.data), args.max_len)[0]) == 300  # 5 steps per epoch
-    # Points at steps 4 and 8: the second spans both epochs (the count does not restart with an epoch).
-    assert [step for step, _ in read_scalars(tmp_path / "run")["train/loss"]] == [4, 8]
 
 
 def test_command_line_names():
