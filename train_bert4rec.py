@@ -302,6 +302,8 @@ def main(args: Args) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(args.out, "bert4rec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(sequences)} training sequences, {data.num_items} items, run {run_dir}")
+    # TensorBoard curves: train/loss and train/lr at x = optimizer step, train/sequences_per_s and val/* at
+    # x = epoch, test/* at x = the tested (best) epoch.
     scalars = Scalars(run_dir, args.tensorboard)
     checkpoint = run_dir / "best.pt"
 
@@ -359,6 +361,7 @@ def main(args: Args) -> dict[str, float]:
     scalars.close()
     print(result_line("test", test))
     return test
+
 
 if __name__ == "__main__":
     main(parse(Args))

@@ -359,6 +359,8 @@ def main(args: Args) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(args.out, "sasrec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(users)} training sequences, {data.num_items} items, loss {loss_name}, run {run_dir}")
+    # TensorBoard curves: train/loss and train/lr at x = optimizer step, train/sequences_per_s and val/* at
+    # x = epoch, test/* at x = the tested (best) epoch.
     scalars = Scalars(run_dir, args.tensorboard)
     checkpoint = run_dir / "best.pt"
 
