@@ -23,6 +23,7 @@ is never a target nor a candidate, and positions count from the newest item, so 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +35,27 @@ from einops import rearrange
 from torch import nn
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, at_least, between, parse
-from common.data import PAD, DatasetError, load_dataset
+from common.data import PAD, DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
-from common.evaluation import Scorer, check_sample_size, evaluate, require_users, result_line
+from common.evaluation import Scorer, check_sample_size, evaluate, metric_names, require_users, result_line
 from common.run import (
+    EarlyStopping,
     OutputError,
+    Scalars,
+    append_jsonl,
     autocast,
     check_run_dir,
     create_run_dir,
     precision,
     progress,
     resolve_device,
+    save_atomic,
     seed_everything,
+    write_json_atomic,
 )
-from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions, train_with_early_stopping
+from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions
 
+BEST_METRIC = "NDCG@10"  # validation metric that picks the best epoch (the paper's)
 LAST_ONLY_PROB = 0.09  # the paper's code masks only the newest item of this share of training sequences
 RANDOM_TOKEN_STD = 1.0  # the token table keeps nn.Embedding's initialisation, N(0, 1), as the paper's code does
 
@@ -108,6 +115,11 @@ class Args(Checked):
     sequence, so padding costs (almost) no compute; a value >= the batch size runs one batch (trimmed)."""
     eval_batch_size: Annotated[int, Positive] = 1024
     """Users per evaluation batch."""
+    log_every: Annotated[int, Positive] = 10
+    """Optimizer steps between TensorBoard points of the training loss (the mean since the last point) and the
+    progress bar's loss."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)."""
 
 
 class BidirectionalBlock(nn.Module):
@@ -200,32 +212,56 @@ def cloze_mask(
 
 
 def batch_loss(
-    model: BERT4Rec, encode: Callable[[torch.Tensor], torch.Tensor], sequences: torch.Tensor, args: Args
+    model: BERT4Rec, compiled_model: Callable[[torch.Tensor], torch.Tensor], sequences: torch.Tensor, args: Args
 ) -> torch.Tensor | None:
-    """Cloze loss of one batch of sequences (B, max_len), or None when no position was drawn for prediction."""
+    """Cloze loss of one batch of sequences (B, max_len), or None when no position was drawn for prediction;
+    `compiled_model` runs the forward pass (it is `model` itself without --compile)."""
     inputs, labels = cloze_mask(sequences, args.mask_prob, model.mask_token, model.num_items)
-    hidden, index = hidden_at(encode, inputs, labels != PAD, args.chunk_rows)  # (N, d), (N,)
+    hidden, index = hidden_at(compiled_model, inputs, labels != PAD, args.chunk_rows)  # (N, d), (N,)
     if len(index) == 0:
         return None
     return F.cross_entropy(model.item_logits(hidden), labels.reshape(-1)[index] - 1)
 
 
 def make_scorer(
-    model: BERT4Rec, encode: Callable[[torch.Tensor], torch.Tensor], args: Args, device: torch.device
+    model: BERT4Rec, compiled_model: Callable[[torch.Tensor], torch.Tensor], args: Args, device: torch.device
 ) -> Scorer:
-    """The evaluation view of the model: append the mask token, score the items at that position."""
+    """The evaluation view of the model: append the mask token, score the items at that position (the forward pass
+    runs through `compiled_model`, which is `model` itself without --compile)."""
 
     def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         """histories (B, max_len - 1) -> scores (B, C) of candidates (B, C), or (B, num_items + 1) of every item."""
         masked = torch.cat([histories, torch.full_like(histories[:, :1], model.mask_token)], dim=1)
         with autocast(device, args.dtype):
-            hidden = last_hidden(encode, masked, args.chunk_rows).float()  # (B, d)
+            hidden = last_hidden(compiled_model, masked, args.chunk_rows).float()  # (B, d)
         if candidates is None:
             return model.out(hidden)
         weight, bias = model.out.weight[candidates], model.out.bias[candidates]  # (B, C, d), (B, C)
         return torch.einsum("bd,bcd->bc", hidden, weight) + bias
 
     return scorer
+
+
+def evaluate_split(
+    model: BERT4Rec,
+    compiled_model: Callable[[torch.Tensor], torch.Tensor],
+    data: SeqDataset,
+    split: str,
+    args: Args,
+    device: torch.device,
+) -> dict[str, float]:
+    """Metrics of `split` ("val" or "test"; see common.evaluation.evaluate), in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return evaluate(
+            make_scorer(model, compiled_model, args, device),
+            data,
+            split,
+            max_len=args.max_len - 1,  # the scorer appends the mask token
+            sample_size=args.sample_size,
+            device=device,
+            batch_size=args.eval_batch_size,
+        )
 
 
 def main(args: Args) -> dict[str, float]:
@@ -259,45 +295,70 @@ def main(args: Args) -> dict[str, float]:
         raise SystemExit(f"error: {error}") from None
     model.to(device)
     sequences = torch.from_numpy(data.train_matrix(args.max_len)).to(device)  # (U, max_len) left-padded
-    encode = torch.compile(model, dynamic=True) if args.compile else model
+    # The forward pass runs through compiled_model: torch.compile's wrapper of `model` with --compile (same
+    # parameters), `model` itself without; `model` is what the optimiser, the output layer and checkpoints use.
+    compiled_model = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(args.out, "bert4rec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(sequences)} training sequences, {data.num_items} items, run {run_dir}")
+    # TensorBoard curves: train/loss and train/lr at x = optimizer step, train/sequences_per_s and val/* at
+    # x = epoch, test/* at x = the tested (best) epoch.
+    scalars = Scalars(run_dir, args.tensorboard)
+    checkpoint = run_dir / "best.pt"
 
-    def train_epoch(epoch: int) -> float:
-        order = torch.randperm(len(sequences), device=device)
-        total, steps = torch.zeros((), device=device), 0
-        bar = progress(order.split(args.batch_size), desc=f"epoch {epoch}", leave=False)
+    # The paper's schedule: validate after every epoch, keep the best model by validation NDCG@10, stop after
+    # --patience epochs without a new best, then test the best model once.
+    stopper, best_epoch, step = EarlyStopping(args.patience), 0, 0
+    loss_since_point = torch.zeros((), device=device)  # summed on the device: read only every --log-every steps
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        batches = torch.randperm(len(sequences), device=device).split(args.batch_size)
+        epoch_loss, epoch_steps = torch.zeros((), device=device), 0
+        bar = progress(batches, desc=f"epoch {epoch}", leave=False)
         for batch in bar:
             with autocast(device, args.dtype):
-                loss = batch_loss(model, encode, sequences[batch], args)
-            if loss is None:
+                loss = batch_loss(model, compiled_model, sequences[batch], args)
+            if loss is None:  # no position drawn for prediction: no step
                 continue
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total += loss.detach()
-            steps += 1
-            if steps % 10 == 0:  # reading the loss waits for the device, so not every step
-                bar.set_postfix(loss=f"{float(total) / steps:.4f}")
-        return float(total) / max(1, steps)
+            epoch_loss += loss.detach()
+            loss_since_point += loss.detach()
+            epoch_steps += 1
+            step += 1
+            if step % args.log_every == 0:  # reading the loss waits for the device, so not every step
+                epoch_sum, point_sum = torch.stack([epoch_loss, loss_since_point]).tolist()
+                bar.set_postfix(loss=f"{epoch_sum / epoch_steps:.4f}")
+                lr = optimizer.param_groups[0]["lr"]
+                scalars.add(step, **{"train/loss": point_sum / args.log_every, "train/lr": lr})
+                loss_since_point.zero_()
+        train_loss = float(epoch_loss) / max(1, epoch_steps)
+        seconds = time.perf_counter() - started
 
-    scorer = make_scorer(model, encode, args, device)
+        val = evaluate_split(model, compiled_model, data, "val", args, device)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": seconds, **val}
+        append_jsonl(run_dir / "metrics.jsonl", record)
+        scalars.add(epoch, **{"train/sequences_per_s": len(sequences) / seconds})
+        scalars.add(epoch, **{f"val/{name}": val[name] for name in metric_names()})
+        print(f"epoch {epoch}: loss {train_loss:.4f}, val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}, "
+              f"HR@10 {val['HR@10']:.4f}")
+        if stopper.update(val[BEST_METRIC]):
+            best_epoch = epoch
+            state = {"model": model.state_dict(), "epoch": epoch}
+            save_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
+        if stopper.should_stop:
+            break
 
-    def evaluate_split(split: str) -> dict[str, float]:
-        return evaluate(
-            scorer,
-            data,
-            split,
-            max_len=args.max_len - 1,
-            sample_size=args.sample_size,
-            device=device,
-            batch_size=args.eval_batch_size,
-        )
-
-    test = train_with_early_stopping(model, train_epoch, evaluate_split, run_dir, args.epochs, args.patience)
+    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
+    test = evaluate_split(model, compiled_model, data, "test", args, device)
+    record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best}
+    write_json_atomic(run_dir / "test_metrics.json", record)
+    scalars.add(best_epoch, **{f"test/{name}": test[name] for name in metric_names()})
+    scalars.close()
     print(result_line("test", test))
     return test
 

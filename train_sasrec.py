@@ -22,6 +22,7 @@ at padding and positions count from the newest item, so left padding does not ch
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,18 +37,25 @@ from torch import nn
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
-from common.evaluation import Scorer, check_sample_size, evaluate, require_users, result_line
+from common.evaluation import Scorer, check_sample_size, evaluate, metric_names, require_users, result_line
 from common.run import (
+    EarlyStopping,
     OutputError,
+    Scalars,
+    append_jsonl,
     autocast,
     check_run_dir,
     create_run_dir,
     precision,
     progress,
     resolve_device,
+    save_atomic,
     seed_everything,
+    write_json_atomic,
 )
-from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions, train_with_early_stopping
+from common.seqrec import attention_mask, hidden_at, last_hidden, right_aligned_positions
+
+BEST_METRIC = "NDCG@10"  # validation metric that picks the best epoch (the paper's)
 
 
 @dataclass
@@ -106,6 +114,11 @@ class Args(Checked):
     sequence, so padding costs (almost) no compute; a value >= the batch size runs one batch (trimmed)."""
     eval_batch_size: Annotated[int, Positive] = 1024
     """Users per evaluation batch."""
+    log_every: Annotated[int, Positive] = 10
+    """Optimizer steps between TensorBoard points of the training loss (the mean since the last point) and the
+    progress bar's loss."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)."""
 
 
 class CausalBlock(nn.Module):
@@ -245,7 +258,7 @@ def ce_loss(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) ->
 
 def batch_loss(
     model: SASRec,
-    encode: Callable[[torch.Tensor], torch.Tensor],
+    compiled_model: Callable[[torch.Tensor], torch.Tensor],
     users: torch.Tensor,
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -253,8 +266,9 @@ def batch_loss(
     loss_name: str,
     args: Args,
 ) -> torch.Tensor:
-    """Loss of one batch: users (B,), inputs and targets (B, max_len); `encode` is the model, compiled or not."""
-    hidden, index = hidden_at(encode, inputs, targets != PAD, args.chunk_rows)  # (N, d), (N,)
+    """Loss of one batch: users (B,), inputs and targets (B, max_len); `compiled_model` runs the forward pass (it is
+    `model` itself without --compile)."""
+    hidden, index = hidden_at(compiled_model, inputs, targets != PAD, args.chunk_rows)  # (N, d), (N,)
     positives = targets.reshape(-1)[index]
     table = model.item_emb.weight
     if loss_name == "ce":
@@ -264,20 +278,43 @@ def batch_loss(
 
 
 def make_scorer(
-    model: SASRec, encode: Callable[[torch.Tensor], torch.Tensor], args: Args, device: torch.device
+    model: SASRec, compiled_model: Callable[[torch.Tensor], torch.Tensor], args: Args, device: torch.device
 ) -> Scorer:
-    """The evaluation view of the model: the newest position's output dotted with the item table."""
+    """The evaluation view of the model: the newest position's output (from `compiled_model`, which is `model`
+    itself without --compile) dotted with the item table."""
 
     def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         """histories (B, L) -> scores (B, C) of candidates (B, C), or (B, num_items + 1) of every item."""
         with autocast(device, args.dtype):
-            hidden = last_hidden(encode, histories, args.chunk_rows).float()  # (B, d)
+            hidden = last_hidden(compiled_model, histories, args.chunk_rows).float()  # (B, d)
         table = model.item_emb.weight
         if candidates is None:
             return hidden @ table.T
         return torch.einsum("bd,bcd->bc", hidden, table[candidates])
 
     return scorer
+
+
+def evaluate_split(
+    model: SASRec,
+    compiled_model: Callable[[torch.Tensor], torch.Tensor],
+    data: SeqDataset,
+    split: str,
+    args: Args,
+    device: torch.device,
+) -> dict[str, float]:
+    """Metrics of `split` ("val" or "test"; see common.evaluation.evaluate), in eval mode without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return evaluate(
+            make_scorer(model, compiled_model, args, device),
+            data,
+            split,
+            max_len=args.max_len,
+            sample_size=args.sample_size,
+            device=device,
+            batch_size=args.eval_batch_size,
+        )
 
 
 def main(args: Args) -> dict[str, float]:
@@ -315,45 +352,69 @@ def main(args: Args) -> dict[str, float]:
         raise SystemExit(f"error: {args.data}: no user has two training items to learn from")
     model.to(device)
     users, inputs, targets = users.to(device), inputs.to(device), targets.to(device)
-    encode = torch.compile(model, dynamic=True) if args.compile else model
+    # The forward pass runs through compiled_model: torch.compile's wrapper of `model` with --compile (same
+    # parameters), `model` itself without; `model` is what the optimiser, the item table and checkpoints use.
+    compiled_model = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(args.out, "sasrec", args.data, args.init_type, args, overwrite=args.overwrite)
     print(f"{data.name}: {len(users)} training sequences, {data.num_items} items, loss {loss_name}, run {run_dir}")
+    # TensorBoard curves: train/loss and train/lr at x = optimizer step, train/sequences_per_s and val/* at
+    # x = epoch, test/* at x = the tested (best) epoch.
+    scalars = Scalars(run_dir, args.tensorboard)
+    checkpoint = run_dir / "best.pt"
 
-    def train_epoch(epoch: int) -> float:
-        order = torch.randperm(len(users), device=device)
-        total = torch.zeros((), device=device)
-        batches = order.split(args.batch_size)
+    # The paper's schedule: validate after every epoch, keep the best model by validation NDCG@10, stop after
+    # --patience epochs without a new best, then test the best model once.
+    stopper, best_epoch, step = EarlyStopping(args.patience), 0, 0
+    loss_since_point = torch.zeros((), device=device)  # summed on the device: read only every --log-every steps
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        batches = torch.randperm(len(users), device=device).split(args.batch_size)
+        epoch_loss = torch.zeros((), device=device)
         bar = progress(batches, desc=f"epoch {epoch}", leave=False)
-        for step, batch in enumerate(bar, start=1):
+        for epoch_step, batch in enumerate(bar, start=1):
             with autocast(device, args.dtype):
                 loss = batch_loss(
-                    model, encode, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
+                    model, compiled_model, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            total += loss.detach()
-            if step % 10 == 0:  # reading the loss waits for the device, so not every step
-                bar.set_postfix(loss=f"{float(total) / step:.4f}")
-        return float(total) / len(batches)
+            epoch_loss += loss.detach()
+            loss_since_point += loss.detach()
+            step += 1
+            if step % args.log_every == 0:  # reading the loss waits for the device, so not every step
+                epoch_sum, point_sum = torch.stack([epoch_loss, loss_since_point]).tolist()
+                bar.set_postfix(loss=f"{epoch_sum / epoch_step:.4f}")
+                lr = optimizer.param_groups[0]["lr"]
+                scalars.add(step, **{"train/loss": point_sum / args.log_every, "train/lr": lr})
+                loss_since_point.zero_()
+        train_loss = float(epoch_loss) / len(batches)
+        seconds = time.perf_counter() - started
 
-    scorer = make_scorer(model, encode, args, device)
+        val = evaluate_split(model, compiled_model, data, "val", args, device)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": seconds, **val}
+        append_jsonl(run_dir / "metrics.jsonl", record)
+        scalars.add(epoch, **{"train/sequences_per_s": len(users) / seconds})
+        scalars.add(epoch, **{f"val/{name}": val[name] for name in metric_names()})
+        print(f"epoch {epoch}: loss {train_loss:.4f}, val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}, "
+              f"HR@10 {val['HR@10']:.4f}")
+        if stopper.update(val[BEST_METRIC]):
+            best_epoch = epoch
+            state = {"model": model.state_dict(), "epoch": epoch}
+            save_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
+        if stopper.should_stop:
+            break
 
-    def evaluate_split(split: str) -> dict[str, float]:
-        return evaluate(
-            scorer,
-            data,
-            split,
-            max_len=args.max_len,
-            sample_size=args.sample_size,
-            device=device,
-            batch_size=args.eval_batch_size,
-        )
-
-    test = train_with_early_stopping(model, train_epoch, evaluate_split, run_dir, args.epochs, args.patience)
+    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
+    test = evaluate_split(model, compiled_model, data, "test", args, device)
+    record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best}
+    write_json_atomic(run_dir / "test_metrics.json", record)
+    scalars.add(best_epoch, **{f"test/{name}": test[name] for name in metric_names()})
+    scalars.close()
     print(result_line("test", test))
     return test
 

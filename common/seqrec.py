@@ -9,16 +9,11 @@ the padding that would dominate the arithmetic then costs nothing.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from common.data import PAD
-from common.run import EarlyStopping, append_jsonl, save_atomic, write_json_atomic
-
-BEST_METRIC = "NDCG@10"
 
 
 def attention_mask(seqs: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -55,23 +50,25 @@ def length_chunks(seqs: torch.Tensor, chunk_rows: int) -> list[tuple[torch.Tenso
     return list(zip(groups, widths))
 
 
-def last_hidden(encode: Callable[..., torch.Tensor], histories: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+def last_hidden(model: Callable[..., torch.Tensor], histories: torch.Tensor, chunk_rows: int) -> torch.Tensor:
     """(B, d) output at the newest position of each history, computed chunk by chunk on trimmed histories.
 
-    encode(seqs, last_only=True) may compute its last block for the newest position only.
+    `model` is the model or its compiled form; model(seqs, last_only=True) may compute its last block for the
+    newest position only.
     """
     parts, rows_in_order = [], []
     for rows, width in length_chunks(histories, chunk_rows):
-        parts.append(encode(histories[rows, -width:], last_only=True)[:, -1])
+        parts.append(model(histories[rows, -width:], last_only=True)[:, -1])
         rows_in_order.append(rows)
     hidden = torch.cat(parts)
     return hidden[torch.argsort(torch.cat(rows_in_order))]
 
 
 def hidden_at(
-    encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, keep: torch.Tensor, chunk_rows: int
+    model: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, keep: torch.Tensor, chunk_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs (N, d) at the N positions where `keep` (B, L) is True, and those positions as flat indices into B * L.
+    """Outputs (N, d) of `model` (the model or its compiled form) at the N positions where `keep` (B, L) is True,
+    and those positions as flat indices into B * L.
 
     `keep` may only mark real (non-padding) positions: each chunk is trimmed to its longest history. Callers pick the
     labels of the kept positions with labels.reshape(-1)[index].
@@ -81,56 +78,6 @@ def hidden_at(
     for rows, width in length_chunks(inputs, chunk_rows):
         flat = rows[:, None] * length + torch.arange(length - width, length, device=inputs.device)  # (b, width)
         chunk_keep = keep[rows, -width:]
-        hidden.append(encode(inputs[rows, -width:])[chunk_keep])
+        hidden.append(model(inputs[rows, -width:])[chunk_keep])
         index.append(flat[chunk_keep])
     return torch.cat(hidden), torch.cat(index)
-
-
-def train_with_early_stopping(
-    model: torch.nn.Module,
-    train_epoch: Callable[[int], float],
-    evaluate_split: Callable[[str], dict[str, float]],
-    run_dir: Path,
-    epochs: int,
-    patience: int,
-) -> dict[str, float]:
-    """The paper's schedule: validate after every epoch, keep the best model by validation NDCG@10, stop after
-    `patience` epochs without a new best, then test the best model once.
-
-    train_epoch(epoch) trains one pass and returns its mean loss; evaluate_split("val" | "test") returns metrics and
-    runs under no_grad in eval mode. Writes metrics.jsonl (one line per validation), best.pt (atomically, at each new
-    best; model state and epoch) and test_metrics.json; returns the test metrics.
-    """
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    checkpoint = run_dir / "best.pt"
-    stopper = EarlyStopping(patience)
-    best_epoch = 0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        loss = train_epoch(epoch)
-        seconds = time.perf_counter() - started
-        val = _evaluate(model, evaluate_split, "val")
-        append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, "train_loss": loss, "train_seconds": seconds, **val})
-        print(f"epoch {epoch}: loss {loss:.4f}, val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}, "
-              f"HR@10 {val['HR@10']:.4f}")
-        if stopper.update(val[BEST_METRIC]):
-            best_epoch = epoch
-            state = {"model": model.state_dict(), "epoch": epoch}
-            save_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
-        if stopper.should_stop:
-            break
-    device = next(model.parameters()).device
-    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
-    test = _evaluate(model, evaluate_split, "test")
-    write_json_atomic(
-        run_dir / "test_metrics.json", {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best}
-    )
-    return test
-
-
-def _evaluate(model: torch.nn.Module, evaluate_split, split: str) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        return evaluate_split(split)

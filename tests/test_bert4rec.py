@@ -1,5 +1,6 @@
 """BERT4Rec: the block against a hand-written reference of the paper's formulas, bidirectionality, padding invariance,
-cloze-masking statistics, the evaluation scorer, learning on real data and the run directory."""
+cloze-masking statistics, the evaluation scorer, learning on real data, the run directory and the command line (the
+training loop's checkpoint and TensorBoard logs: test_seqrec_training.py)."""
 
 import json
 
@@ -115,9 +116,11 @@ def test_run_directory_and_full_ranking(synthetic_data, tmp_path):
         sample_size=-1,
         max_len=10,
         device="cpu",
+        tensorboard=False,
     )
     test = main(args)
     run_dir = tmp_path / "run"
+    # --no-tensorboard: no tensorboard/ (runs with it: test_seqrec_training.py)
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "metrics.jsonl", "test_metrics.json"]
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     saved = json.loads((run_dir / "test_metrics.json").read_text())
@@ -138,7 +141,11 @@ def test_command_line_names():
             "-1",
             "--project",
             "pca",
+            "--log-every",
+            "5",
+            "--no-tensorboard",
         ],
     )
     assert (args.init_type, args.freeze_embeddings, args.mask_prob, args.sample_size) == ("plm", False, 0.2, -1)
+    assert (args.log_every, args.tensorboard) == (5, False) and Args().tensorboard
     assert Args().freeze_embeddings and Args().num_heads == 4 and Args().batch_size == 256

@@ -1,5 +1,6 @@
 """SASRec: the block against torch's MultiheadAttention (the paper's layer), causality, padding invariance, negatives,
-losses against brute force, learning on real data, the run directory and the command line."""
+losses against brute force, learning on real data, the run directory and the command line (the training loop's
+checkpoint and TensorBoard logs: test_seqrec_training.py)."""
 
 import json
 import subprocess
@@ -172,7 +173,7 @@ def test_learns_on_scientific(scientific, tmp_path, loss):
 
 
 def test_run_directory_and_determinism(synthetic_data, tmp_path):
-    def run(name):
+    def run(name, tensorboard):
         args = Args(
             data=synthetic_data,
             out=tmp_path / name,
@@ -182,13 +183,16 @@ def test_run_directory_and_determinism(synthetic_data, tmp_path):
             patience=2,
             sample_size=20,
             device="cpu",
+            tensorboard=tensorboard,
         )
         return main(args)
 
-    first, second = run("a"), run("b")
-    assert first == second
+    first, second = run("a", tensorboard=True), run("b", tensorboard=False)
+    assert first == second  # TensorBoard logging changes no result
     run_dir = tmp_path / "a"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.json", "metrics.jsonl", "test_metrics.json"]
+    listing = ["best.pt", "config.json", "metrics.jsonl", "tensorboard", "test_metrics.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == listing
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [name for name in listing if name != "tensorboard"]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["hidden_size"] == 16 and config["loss"] == "auto"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -242,6 +246,9 @@ def test_command_line_names():
             "--freeze-embeddings",
             "--project",
             "pca",
+            "--log-every",
+            "5",
+            "--no-tensorboard",
         ],
     )
     assert (args.init_type, args.sample_size, args.loss, args.freeze_embeddings, args.project) == (
@@ -251,6 +258,7 @@ def test_command_line_names():
         True,
         "pca",
     )
+    assert (args.log_every, args.tensorboard) == (5, False) and Args().tensorboard
 
 
 def test_bad_dataset_is_a_one_line_error_without_output(tmp_path):

@@ -1,0 +1,108 @@
+"""The training loop of train_sasrec.py and train_bert4rec.py: the test metrics are those of the best validation
+epoch's checkpoint, and the TensorBoard scalars are the values metrics.jsonl and test_metrics.json hold."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_bert4rec
+import train_sasrec
+from common.data import load_dataset
+from common.evaluation import metric_names
+
+# Per script: its model class and settings under which the best validation epoch of the synthetic data is not the
+# last (a high learning rate overshoots; patience = epochs lets the run go on).
+SCRIPTS = {
+    "sasrec": (train_sasrec, train_sasrec.SASRec, {"lr": 0.1}),
+    "bert4rec": (train_bert4rec, train_bert4rec.BERT4Rec, {"lr": 1e-2, "max_len": 10}),
+}
+
+
+@pytest.fixture(scope="module", params=list(SCRIPTS))
+def best_not_last(request, synthetic_data, tmp_path_factory):
+    """(script, model class, Args) of a finished 5-epoch run. 300 users / batch 128 = 3 steps per epoch =
+    log_every, so each train/loss point is the mean loss of one epoch."""
+    script, model_class, settings = SCRIPTS[request.param]
+    args = script.Args(
+        data=synthetic_data,
+        out=tmp_path_factory.mktemp(request.param) / "run",
+        hidden_size=16,
+        num_heads=2,
+        epochs=5,
+        patience=5,
+        batch_size=128,
+        sample_size=20,
+        log_every=3,
+        device="cpu",
+        **settings,
+    )
+    script.main(args)
+    return script, model_class, args
+
+
+def read_run(run_dir: Path) -> tuple[list[dict], dict]:
+    """metrics.jsonl's records and test_metrics.json."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return lines, json.loads((run_dir / "test_metrics.json").read_text())
+
+
+def as_logged(value: float) -> float:
+    """A value as a TensorBoard event stores it (float32)."""
+    return float(np.float32(value))
+
+
+def test_test_metrics_come_from_the_reloaded_best_checkpoint(best_not_last):
+    script, model_class, args = best_not_last
+    lines, test = read_run(args.out)
+    best = max(lines, key=lambda line: line["NDCG@10"])  # the first of equal values, as early stopping keeps it
+    assert test["best_epoch"] == best["epoch"] < len(lines)  # the run trained on after its best epoch
+    assert test["val_NDCG@10"] == best["NDCG@10"]
+    checkpoint = torch.load(args.out / "best.pt", weights_only=True)
+    assert checkpoint["epoch"] == best["epoch"]
+    data = load_dataset(args.data)
+    model = model_class(data.num_items, args)
+    model.load_state_dict(checkpoint["model"])
+    expected = script.evaluate_split(model, model, data, "test", args, torch.device("cpu"))
+    assert {name: test[name] for name in expected} == expected
+
+
+def test_tensorboard_holds_the_logged_values(best_not_last, read_scalars):
+    _, _, args = best_not_last
+    lines, test = read_run(args.out)
+    scalars = read_scalars(args.out)
+    for name in metric_names():
+        assert scalars[f"val/{name}"] == [(line["epoch"], as_logged(line[name])) for line in lines]
+        assert scalars[f"test/{name}"] == [(test["best_epoch"], as_logged(test[name]))]
+    data = load_dataset(args.data)
+    assert (data.train_len >= 2).all()  # every user is a training sequence of both models
+    assert math.ceil(data.num_users / args.batch_size) == args.log_every
+    # x = the global optimizer step; each point is the mean loss since the previous one, here one epoch's.
+    assert scalars["train/loss"] == [(line["epoch"] * args.log_every, as_logged(line["train_loss"])) for line in lines]
+    assert scalars["train/lr"] == [(step, as_logged(args.lr)) for step, _ in scalars["train/loss"]]
+    throughput = scalars["train/sequences_per_s"]
+    assert [epoch for epoch, _ in throughput] == [line["epoch"] for line in lines]
+    assert all(value > 0 for _, value in throughput)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_loss_points_count_steps_across_epochs(name, synthetic_data, tmp_path, read_scalars):
+    script = SCRIPTS[name][0]
+    args = script.Args(
+        data=synthetic_data,
+        out=tmp_path / "run",
+        hidden_size=8,
+        num_blocks=1,
+        num_heads=2,
+        epochs=2,
+        batch_size=64,
+        sample_size=20,
+        log_every=4,
+        device="cpu",
+    )
+    script.main(args)
+    # 300 users / 64 = 5 steps per epoch; points at steps 4 and 8, the second spanning both epochs.
+    assert [step for step, _ in read_scalars(args.out)["train/loss"]] == [4, 8]
