@@ -13,7 +13,8 @@ Launch any of these ways (CPU: gloo; GPU: nccl):
 Outputs under --out: `deepspeed/` (DeepSpeed's own checkpoints, for --resume), `best/` (the checkpoint with the best
 dev accuracy so far) and `final/` (the last weights): consolidated fp32 Recformer checkpoint directories that
 `finetune_recformer.py --backbone` and `export_embeddings.py --checkpoint` read as is; `metrics.jsonl` (losses,
-learning rate, train accuracy, encoder tokens/s and peak memory every --log-every steps; dev accuracy and loss).
+learning rate, train accuracy, encoder tokens/s and peak memory every --log-every steps; dev accuracy and loss) and
+the same curves, but peak memory, as TensorBoard scalars in `tensorboard/` (unless --no-tensorboard).
 A run is deterministic for a given seed and number of processes: data order, pairs, masks and dropout are drawn from
 seeds derived from (seed, epoch or step, rank), so --resume reproduces the uninterrupted run.
 """
@@ -39,7 +40,7 @@ from torch._utils import _unflatten_dense_tensors
 
 from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, between
 from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
-from common.data import DatasetError, item_attributes, read_json
+from common.data import DatasetError, Sequences, item_attributes, read_json
 from common.distributed import (
     from_rank0,
     init_distributed,
@@ -52,6 +53,7 @@ from common.masking import whole_word_mask
 from common.modeling_recformer import RecformerForPretraining, set_attention
 from common.run import (
     OutputError,
+    Scalars,
     append_jsonl,
     check_run_dir,
     create_run_dir,
@@ -115,6 +117,8 @@ class Args(Checked):
     """seeds the weights of new layers, the data order, the pairs, the masks and dropout"""
     log_every: Annotated[int, Positive] = 10
     """optimizer steps between lines in metrics.jsonl"""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)"""
     attention: Literal["fast", "hf"] = "fast"
     """encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
     attention, the reference); the same function and weights"""
@@ -126,21 +130,6 @@ class Args(Checked):
 class InputError(ValueError):
     """The corpus cannot be read or the arguments do not fit it; the message names the file and the problem in one
     line."""
-
-
-@dataclass
-class Sequences:
-    """Item-id sequences stored flat: sequence i is items[offsets[i]:offsets[i + 1]], oldest first."""
-
-    offsets: np.ndarray  # (n + 1,) int64
-    items: np.ndarray  # (total,) int64, ids >= 1
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 @dataclass
@@ -159,11 +148,9 @@ def read_sequences(path: Path, item_id: dict[str, int]) -> Sequences:
         if not isinstance(sequence, list) or len(sequence) < 2:
             raise DatasetError(f"{path}: sequence {number} is not a list of at least 2 item keys")
     try:
-        items = np.fromiter((item_id[key] for sequence in raw for key in sequence), dtype=np.int64)
+        return Sequences.from_lists([[item_id[key] for key in sequence] for sequence in raw])
     except (KeyError, TypeError) as error:
         raise DatasetError(f"{path}: item {error} has no entry in meta_data.json") from None
-    lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
-    return Sequences(np.concatenate([[0], np.cumsum(lengths)]), items)
 
 
 def load_corpus(path: Path) -> Corpus:
@@ -183,17 +170,13 @@ def sample_pairs(
     """(side a (B, history) left-padded item ids, side b (B, 1)) for sequences `rows`.
 
     The target position is uniform in [(len-1)//2, len-1], picked by draws[rows] (uniform in [0, 1)); side a is the
-    `history` items before it (fewer, zero-padded on the left, when the sequence is shorter), side b the target.
+    `history` items before it (fewer, PAD on the left, when the sequence is shorter), side b the target.
     """
-    starts = sequences.offsets[rows]
     lengths = sequences.lengths[rows]
     first = (lengths - 1) // 2
     position = first + np.floor(draws[rows] * (lengths - first)).astype(np.int64)
-    targets = sequences.items[starts + position]
-    index = (starts + position)[:, None] + np.arange(-history, 0)[None, :]  # (B, history)
-    before = index >= starts[:, None]
-    side_a = np.where(before, sequences.items[np.where(before, index, 0)], 0)
-    return side_a, targets[:, None]
+    targets = sequences.items[sequences.offsets[rows] + position]
+    return sequences.left_padded(rows, position, history), targets[:, None]
 
 
 # ------------------------------------------------------------------------------------------------------ objective
@@ -482,6 +465,7 @@ class Run:
     device: torch.device
     micro_per_epoch: int  # micro-batches per epoch (global batches: every rank takes one slice of each)
     stop_step: int
+    scalars: Scalars  # TensorBoard curves; does nothing on ranks > 0 and under --no-tensorboard
 
     @property
     def global_batch(self) -> int:
@@ -529,28 +513,41 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def log_window(run: Run, engine, step: int, micro_step: int, window: torch.Tensor, seconds: float) -> None:
-    """One metrics.jsonl line for the steps since the last one; window is summed over ranks here."""
-    dist.all_reduce(window)
-    # The contrastive terms are the same on every rank; mlm (side a + side b, as in the loss) is averaged over ranks.
-    contrastive, mlm, correct, micros = (window[:4] / run.world).tolist()
-    tokens = window[4].item()  # encoder input tokens (without padding) of all four passes on all ranks
+# metrics.jsonl name -> TensorBoard tag of the values that get a curve
+TENSORBOARD_TAGS = {"loss": "train/loss", "contrastive_loss": "train/contrastive_loss", "mlm_loss": "train/mlm_loss",
+                    "train_accuracy": "train/accuracy", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s",
+                    "dev_accuracy": "dev/accuracy", "dev_loss": "dev/loss"}  # fmt: skip
+
+
+def record_metrics(run: Run, step: int, metrics: dict) -> None:
+    """Rank 0: one metrics.jsonl line, and the same values as TensorBoard points at x = optimizer step."""
     if run.rank == 0:
-        append_jsonl(run.out / "metrics.jsonl", {
-            "step": step, "epoch": micro_step / run.micro_per_epoch, "lr": engine.get_lr()[0],
-            "contrastive_loss": contrastive / micros, "mlm_loss": mlm / micros,
-            "loss": (contrastive + run.config.mlm_weight * mlm) / micros,
-            "train_accuracy": correct / (micros * run.global_batch),
-            "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(run.device),
-        })  # fmt: skip
+        append_jsonl(run.out / "metrics.jsonl", {"step": step, **metrics})
+        run.scalars.add(step, **{TENSORBOARD_TAGS[name]: value for name, value in metrics.items()
+                                 if name in TENSORBOARD_TAGS})  # fmt: skip
+
+
+def log_training(run: Run, engine, step: int, micro_step: int, since_log: torch.Tensor, seconds: float) -> None:
+    """Record the training metrics of the steps since the last log; `since_log` is summed over ranks here."""
+    dist.all_reduce(since_log)
+    # The contrastive terms are the same on every rank; mlm (side a + side b, as in the loss) is averaged over ranks.
+    contrastive, mlm, correct, micros = (since_log[:4] / run.world).tolist()
+    tokens = since_log[4].item()  # encoder input tokens (without padding) of all four passes on all ranks
+    record_metrics(run, step, {
+        "epoch": micro_step / run.micro_per_epoch, "lr": engine.get_lr()[0],
+        "contrastive_loss": contrastive / micros, "mlm_loss": mlm / micros,
+        "loss": (contrastive + run.config.mlm_weight * mlm) / micros,
+        "train_accuracy": correct / (micros * run.global_batch),
+        "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(run.device),
+    })  # fmt: skip
 
 
 def train(run: Run, engine, state: dict) -> None:
     """Optimizer steps from where `state` stands to run.stop_step: log, evaluate, keep the best, checkpoint."""
     args = run.args
-    # contrastive, mlm, correct pairs, micro-batches, tokens; on the device, so no micro-batch waits for a host read
-    # and the all-reduce in log_window works under NCCL too
-    window = torch.zeros(5, dtype=torch.float64, device=run.device)
+    # sums since the last log: contrastive, mlm, correct pairs, micro-batches, tokens; on the device, so no
+    # micro-batch waits for a host read and the all-reduce in log_training works under NCCL too
+    since_log = torch.zeros(5, dtype=torch.float64, device=run.device)
     planned_epoch, plan = -1, None
     began = time.perf_counter()
     first_step = state["micro_step"] // args.grad_accum + 1
@@ -563,18 +560,18 @@ def train(run: Run, engine, state: dict) -> None:
                 plan, planned_epoch = epoch_plan(args.seed, epoch, len(run.corpus.train)), epoch
             inputs = micro_batch_inputs(run, micro, plan)
             torch.manual_seed(step_seed(args.seed, run.rank, micro))  # dropout
-            window[:3] += train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
-            window[3] += 1
-            window[4] += sum(side["attention_mask"].sum() for side in inputs)
+            since_log[:3] += train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
+            since_log[3] += 1
+            since_log[4] += sum(side["attention_mask"].sum() for side in inputs)
             state["micro_step"] += 1
         if step % args.log_every == 0 or step == run.stop_step:
-            log_window(run, engine, step, state["micro_step"], window, time.perf_counter() - began)
-            window.zero_()
+            log_training(run, engine, step, state["micro_step"], since_log, time.perf_counter() - began)
+            since_log.zero_()
             began = time.perf_counter()
         if step % args.eval_every == 0 or step == run.stop_step:
             scores = evaluate(run, engine)
+            record_metrics(run, step, scores)
             if run.rank == 0:
-                append_jsonl(run.out / "metrics.jsonl", {"step": step, **scores})
                 print(f"step {step}: dev accuracy {scores['dev_accuracy']:.4f}, dev loss {scores['dev_loss']:.4f}")
             if scores["dev_accuracy"] > state["best_accuracy"]:
                 state["best_accuracy"] = scores["dev_accuracy"]
@@ -587,7 +584,7 @@ def train(run: Run, engine, state: dict) -> None:
 
 # Flags a resumed run may change: they bound, log or save the run, but do not change what each step computes.
 RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "max_steps", "eval_every", "save_every", "keep_checkpoints",
-                     "log_every", "attention"}  # fmt: skip
+                     "log_every", "attention", "tensorboard"}  # fmt: skip
 
 
 def check_same_run(args: Args) -> None:
@@ -651,9 +648,11 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
         state.update({key: client_state[key] for key in state})
         print(f"resumed from step {state['micro_step'] // args.grad_accum}")
     stop_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
+    scalars = Scalars(out, enabled=args.tensorboard and rank == 0)  # a resumed run adds to the same directory
     run = Run(args, corpus, tokens, tokenizer, model.config, frozen, out, rank, world, device, micro_per_epoch,
-              stop_step)  # fmt: skip
+              stop_step, scalars)  # fmt: skip
     train(run, engine, state)
+    scalars.close()
     save_recformer(out / "final", engine, frozen, model.config, tokenizer, rank)
     print(f"wrote {out / 'final'} (best dev accuracy {state['best_accuracy']:.4f} in {out / 'best'})")
     return out, engine

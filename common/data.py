@@ -11,14 +11,16 @@ A dataset is a directory in the layout of Recformer's processed fine-tuning data
     stats.json  summary written by `write_dataset`
 
 Item ids we write are 1-based; 0 is padding. Files written by the original Recformer processing are 0-based and are
-shifted on load. In memory every user's full sequence (train + val + test) lives in one CSR pair (`offsets`, `items`),
-so a 3.6M-sequence corpus costs two integer arrays, not millions of Python lists.
+shifted on load. In memory every user's full sequence (train + val + test) lives in one CSR pair (`Sequences`:
+`offsets`, `items`), as do the pre-training corpus's sequences, so a 3.6M-sequence corpus costs two integer arrays,
+not millions of Python lists.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,17 +42,69 @@ class DatasetError(ValueError):
 
 
 @dataclass
-class SeqDataset:
+class Sequences:
+    """Item-id sequences stored flat (CSR): sequence i is items[offsets[i]:offsets[i + 1]], oldest first. Two
+    integer arrays however many sequences there are; datasets and the pre-training corpus both hold theirs so."""
+
+    offsets: np.ndarray
+    """(n + 1,) int64 CSR offsets into `items`; offsets[0] == 0."""
+    items: np.ndarray
+    """(total,) int64 item ids of every sequence, one sequence after the other."""
+
+    @staticmethod
+    def from_lists(lists: Sequence[Sequence[int]]) -> Sequences:
+        """The sequences `lists` (item ids, oldest first) in CSR form."""
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        items = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(offsets[-1]))
+        return Sequences(offsets, items)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """(n,) int64 length of each sequence."""
+        return np.diff(self.offsets)
+
+    def sequence(self, row: int) -> np.ndarray:
+        """Sequence `row`, oldest item first."""
+        return self.items[self.offsets[row] : self.offsets[row + 1]]
+
+    def left_padded(self, rows: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
+        """(len(rows), length): the `length` items before position `ends[i]` of each row's sequence, right-aligned.
+
+        Missing positions on the left hold PAD, so column -1 is always the most recent item.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        starts = self.offsets[rows]
+        # positions[i, j] indexes items[]; column j = length - 1 is the item just before ends[i].
+        positions = (starts + ends)[:, None] - length + np.arange(length)[None, :]
+        valid = positions >= starts[:, None]
+        return np.where(valid, self.items[np.where(valid, positions, 0)], PAD)
+
+    def prefix_items(self, rows: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row of each entry, item) for the first ends[i] items of each row in `rows`, flat, in row order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ends = np.asarray(ends, dtype=np.int64)
+        entry_rows = np.repeat(np.arange(len(rows)), ends)
+        position_in_row = np.arange(ends.sum()) - np.repeat(np.cumsum(ends) - ends, ends)
+        return entry_rows, self.items[self.offsets[rows][entry_rows] + position_in_row]
+
+
+@dataclass
+class SeqDataset(Sequences):
+    """One row per user: `offsets` and `items` (see Sequences) hold each user's full sequence (train, then val
+    target, then test target)."""
+
     path: Path
     """Dataset directory."""
     item_keys: list[str]
     """item_keys[i] is the original key of item id i; item_keys[0] == "" (padding)."""
     user_keys: list[str]
     """Original key of each user row; rows are sorted by the json user id."""
-    offsets: np.ndarray
-    """(num_users + 1,) int64 CSR offsets into `items`."""
-    items: np.ndarray
-    """(interactions,) int64: each user's full sequence (train, then val target, then test target)."""
     train_len: np.ndarray
     """(num_users,) int64: length of the training part of each sequence."""
     has_val: np.ndarray
@@ -94,35 +148,10 @@ class SeqDataset:
             digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()[:16]
 
-    def sequence(self, row: int) -> np.ndarray:
-        """The full sequence (train + val + test) of user row `row`."""
-        return self.items[self.offsets[row] : self.offsets[row + 1]]
-
-    def left_padded(self, rows: np.ndarray, ends: np.ndarray, length: int) -> np.ndarray:
-        """(len(rows), length): the `length` items before position `ends[i]` of each row's sequence, right-aligned.
-
-        Missing positions on the left hold PAD, so column -1 is always the most recent item.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        ends = np.asarray(ends, dtype=np.int64)
-        starts = self.offsets[rows]
-        # positions[i, j] indexes items[]; column j = length - 1 is the item just before ends[i].
-        positions = (starts + ends)[:, None] - length + np.arange(length)[None, :]
-        valid = positions >= starts[:, None]
-        return np.where(valid, self.items[np.where(valid, positions, 0)], PAD)
-
-    def prefix_items(self, rows: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row of each entry, item) for the first ends[i] items of each row in `rows`, flat, in row order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        ends = np.asarray(ends, dtype=np.int64)
-        entry_rows = np.repeat(np.arange(len(rows)), ends)
-        position_in_row = np.arange(ends.sum()) - np.repeat(np.cumsum(ends) - ends, ends)
-        return entry_rows, self.items[self.offsets[rows][entry_rows] + position_in_row]
-
     def user_item_keys(self, ends: np.ndarray | None = None) -> np.ndarray:
         """Sorted unique keys row * (num_items + 1) + item of the first ends[row] items of every user (the whole
         sequence when None): membership tests by binary search at one integer per interaction."""
-        ends = np.diff(self.offsets) if ends is None else ends
+        ends = self.lengths if ends is None else ends
         rows, items = self.prefix_items(np.arange(self.num_users), ends)
         return np.unique(rows * (self.num_items + 1) + items)
 
@@ -266,22 +295,15 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
         if user not in val:
             raise DatasetError(f"{path / 'test.json'}: user {user} has a test target but no validation target")
 
-    lengths = np.array([len(train[u]) + (u in val) + (u in test) for u in user_ids], dtype=np.int64)
-    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    items = np.fromiter(
-        (i for u in user_ids for i in (*train[u], *val.get(u, ()), *test.get(u, ()))),
-        dtype=np.int64,
-        count=int(offsets[-1]),
-    )
-    items += shift
+    sequences = Sequences.from_lists([train[u] + val.get(u, []) + test.get(u, []) for u in user_ids])
+    sequences.items += shift
     item_text = _load_item_text(path, item_keys)
     return SeqDataset(
         path=path,
         item_keys=item_keys,
         user_keys=[user_key_of[u] for u in user_ids],
-        offsets=offsets,
-        items=items,
+        offsets=sequences.offsets,
+        items=sequences.items,
         train_len=np.array([len(train[u]) for u in user_ids], dtype=np.int64),
         has_val=np.array([u in val for u in user_ids], dtype=bool),
         has_test=np.array([u in test for u in user_ids], dtype=bool),
@@ -312,7 +334,7 @@ def has_text(attributes: Mapping[str, str]) -> bool:
 
 
 def dataset_stats(data: SeqDataset) -> dict:
-    lengths = np.diff(data.offsets)
+    lengths = data.lengths
     return {
         "users": data.num_users,
         "items": data.num_items,

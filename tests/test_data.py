@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from common.data import SPLIT_FILES, DatasetError, load_dataset, write_dataset
+from common.data import PAD, SPLIT_FILES, DatasetError, Sequences, load_dataset, write_dataset
 from common.evaluation import evaluate
 
 SEQUENCES = {"ann": ["a", "b", "c", "d"], "bob": ["b", "c"], "cid": ["e", "a", "b"]}
@@ -40,6 +40,9 @@ def test_loaded_arrays(dataset_dir):
     data = load_dataset(dataset_dir)
     assert data.item_keys == ["", "a", "b", "c", "d", "e"]
     assert data.user_keys == ["ann", "bob", "cid"]
+    assert isinstance(data, Sequences) and len(data) == 3
+    np.testing.assert_array_equal(data.offsets, [0, 4, 6, 9])
+    np.testing.assert_array_equal(data.lengths, [4, 2, 3])
     np.testing.assert_array_equal(data.sequence(0), [1, 2, 3, 4])
     np.testing.assert_array_equal(data.train_matrix(3), [[0, 1, 2], [0, 2, 3], [0, 0, 5]])
     rows, histories, targets = data.eval_split("test", 4)
@@ -47,6 +50,23 @@ def test_loaded_arrays(dataset_dir):
     np.testing.assert_array_equal(histories, [[0, 1, 2, 3], [0, 0, 5, 1]])
     np.testing.assert_array_equal(targets, [4, 2])
     assert data.item_text[2] == META["b"]
+
+
+def test_sequences_csr_matches_python_lists():
+    """The CSR storage against list slicing: every row, every end position, histories shorter and longer."""
+    lists = [[5, 6], [], [1, 2, 3, 4, 9], [7]]
+    sequences = Sequences.from_lists(lists)
+    np.testing.assert_array_equal(sequences.offsets, [0, 2, 2, 7, 8])
+    np.testing.assert_array_equal(sequences.items, [5, 6, 1, 2, 3, 4, 9, 7])
+    assert len(sequences) == 4 and sequences.lengths.tolist() == [2, 0, 5, 1]
+    assert [sequences.sequence(row).tolist() for row in range(4)] == lists
+    rows, ends = zip(*[(row, end) for row, items in enumerate(lists) for end in range(len(items) + 1)])
+    for length in (1, 3, 6):
+        expected = [[PAD] * max(0, length - end) + lists[row][max(0, end - length) : end]
+                    for row, end in zip(rows, ends)]  # fmt: skip
+        assert sequences.left_padded(np.array(rows), np.array(ends), length).tolist() == expected
+    entry_rows, items = sequences.prefix_items(np.array([2, 0, 1, 3]), np.array([3, 1, 0, 1]))
+    assert entry_rows.tolist() == [0, 0, 0, 1, 3] and items.tolist() == [1, 2, 3, 5, 7]
 
 
 def test_zero_based_files_are_shifted(dataset_dir, capsys):

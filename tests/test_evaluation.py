@@ -57,18 +57,45 @@ def table_scorer(table: torch.Tensor, rows: np.ndarray):
     return scorer
 
 
-def planted_tie_scores(data, seed):
-    """Integer scores from a small range (many ties), with some targets tied exactly to a competitor."""
+def planted_tie_scores(data, split: str, seed: int, competitors: np.ndarray | None = None):
+    """(scores (num_users, num_items + 1), ties (n,)) for the n users evaluated on `split`: distinct integer scores,
+    then each target's score copied to ties[i] in 0..3 other items (from competitors[i] when given, else any item
+    but the target), so those are exact ties with the target. Every other user's target starts at its row's top, so
+    the ties alone decide whether it ranks first."""
     rng = np.random.default_rng(seed)
-    scores = rng.integers(0, 5, size=(data.num_users, data.num_items + 1)).astype(np.float32)
-    return scores
+    size = data.num_users * (data.num_items + 1)
+    scores = rng.permutation(size).reshape(data.num_users, -1).astype(np.float32)  # exact in float32 below 2**24
+    rows, _, targets = data.eval_split(split, 1)
+    ties = rng.integers(0, 4, size=len(rows))
+    for i, (row, target) in enumerate(zip(rows, targets)):
+        if i % 2 == 0:
+            scores[row, target] = scores[row].max() + 1
+        pool = competitors[i] if competitors is not None else np.delete(np.arange(data.num_items + 1), target)
+        scores[row, rng.choice(pool, size=ties[i], replace=False)] = scores[row, target]
+    return scores, ties
+
+
+def assert_ties_matter(scores: np.ndarray, targets: np.ndarray, candidate_ok: np.ndarray, expected: dict) -> None:
+    """The planted ties change the reference: with each target nudged above its ties, it ranks first more often."""
+    ties_broken = scores.copy()
+    ties_broken[np.arange(len(targets)), targets] += 0.5  # integer scores: the target passes only its ties
+    assert reference_metrics(ties_broken, targets, candidate_ok)["HR@1"] > expected["HR@1"]
+
+
+def test_planted_ties_are_exact_ties_with_the_target(small_data):
+    scores, ties = planted_tie_scores(small_data, "val", seed=3)
+    rows, _, targets = small_data.eval_split("val", 1)
+    target_scores = scores[rows, targets]
+    assert ((scores[rows] == target_scores[:, None]).sum(1) - 1).tolist() == ties.tolist()
+    assert ties.min() == 0 and ties.max() == 3
 
 
 @pytest.mark.parametrize("split", ["val", "test"])
 @pytest.mark.parametrize("exclude_history", [False, True])
 def test_full_ranking_matches_reference(small_data, split, exclude_history):
+    """Ties with the target count against it (pessimistic rank), as in the brute-force reference."""
     data = small_data
-    scores = planted_tie_scores(data, seed=3)
+    scores, _ = planted_tie_scores(data, split, seed=3)
     rows, histories, targets = data.eval_split(split, 60)
     scorer = table_scorer(torch.from_numpy(scores), rows)
 
@@ -84,17 +111,19 @@ def test_full_ranking_matches_reference(small_data, split, exclude_history):
     assert got["users"] == len(rows)
     for name in metric_names():
         assert got[name] == pytest.approx(expected[name], abs=1e-9), name
+    assert_ties_matter(scores[rows], targets, ok, expected)
 
 
 def test_sampled_ranking_matches_reference(small_data):
     data = small_data
-    scores = planted_tie_scores(data, seed=4)
     rows, histories, targets = data.eval_split("test", 60)
-    scorer = table_scorer(torch.from_numpy(scores), rows)
     negatives = sample_negatives(data, 20)[rows]
+    scores, _ = planted_tie_scores(data, "test", seed=4, competitors=negatives)  # ties among the candidates
+    scorer = table_scorer(torch.from_numpy(scores), rows)
     ok = np.zeros((len(rows), data.num_items + 1), dtype=bool)
     ok[np.arange(len(rows))[:, None], negatives] = True
     expected = reference_metrics(scores[rows], targets, ok)
+    assert_ties_matter(scores[rows], targets, ok, expected)
     got = evaluate(scorer, data, "test", max_len=60, sample_size=20, device="cpu", batch_size=16)
     for name in metric_names():
         assert got[name] == pytest.approx(expected[name], abs=1e-9), name

@@ -1,6 +1,6 @@
 """Pre-training under DeepSpeed on CPU (gloo): one and two processes, ZeRO 0-3, exact resume, the global contrastive
-loss. Runs are subprocesses started the ways users start them: python (one process), torchrun and the deepspeed
-launcher (two processes)."""
+loss, TensorBoard scalars, the pairs drawn from the corpus. Runs are subprocesses started the ways users start them:
+python (one process), torchrun and the deepspeed launcher (two processes)."""
 
 import dataclasses
 import json
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import REPO, SHARED_DATA
 
 import pretrain_recformer as P
-from common.data import DatasetError
+from common.data import PAD, DatasetError, Sequences
 from common.distributed import free_port, parse_launched
 from common.run import OutputError, write_json_atomic
 
@@ -117,6 +117,21 @@ def launch(corpus: Path, out: Path, *extra: str, processes: int = 1, launcher: s
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+# TensorBoard tag -> the metrics.jsonl value it plots
+TAGS = {"train/loss": "loss", "train/contrastive_loss": "contrastive_loss", "train/mlm_loss": "mlm_loss",
+        "train/accuracy": "train_accuracy", "train/lr": "lr", "train/tokens_per_s": "tokens_per_s",
+        "dev/accuracy": "dev_accuracy", "dev/loss": "dev_loss"}  # fmt: skip
+
+
+def assert_scalars_mirror_metrics(scalars: dict, metrics: list[dict]) -> None:
+    """Every tag holds its metrics.jsonl value (stored as float32) at x = the line's optimizer step, nothing more."""
+    assert scalars.keys() == TAGS.keys()
+    for tag, name in TAGS.items():
+        expected = [(line["step"], line[name]) for line in metrics if name in line]
+        assert [step for step, _ in scalars[tag]] == [step for step, _ in expected], tag
+        np.testing.assert_allclose([v for _, v in scalars[tag]], [v for _, v in expected], rtol=1e-6, err_msg=tag)
+
+
 def losses(metrics: list[dict]) -> np.ndarray:
     return np.array([m["loss"] for m in metrics if "loss" in m])
 
@@ -151,14 +166,18 @@ def dataset(corpus, tmp_path_factory) -> Path:
     return out
 
 
-def test_one_process_loss_falls_and_resume_is_exact(corpus, tmp_path):
-    """ZeRO-2, plain python: 24 steps in one go == 9 steps, stop, resume, 15 steps."""
+def test_one_process_loss_falls_and_resume_is_exact(corpus, tmp_path, read_scalars):
+    """ZeRO-2, plain python: 24 steps in one go == 9 steps, stop, resume, 15 steps; TensorBoard holds what
+    metrics.jsonl holds, the resumed run's points added to the same directory."""
     whole = launch(corpus, tmp_path / "whole", "--epochs", "1")  # 24 steps
     assert_loss_falls(whole)
+    assert_scalars_mirror_metrics(read_scalars(tmp_path / "whole"), whole)
     launch(corpus, tmp_path / "split", "--epochs", "1", "--max-steps", "9", "--save-every", "4")
     assert (tmp_path / "split" / "deepspeed" / "latest").read_text() == "step00000009"
     resumed = launch(corpus, tmp_path / "split", "--epochs", "1", "--resume", "--save-every", "4")
     assert np.allclose(losses(resumed), losses(whole), atol=1e-5)
+    assert len(list((tmp_path / "split" / "tensorboard").iterdir())) == 2  # one event file per launch
+    assert_scalars_mirror_metrics(read_scalars(tmp_path / "split"), resumed)  # steps 1-9, then 10-24
     final_whole = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
     final_resumed = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
     assert final_whole.keys() == final_resumed.keys()
@@ -211,13 +230,20 @@ def test_two_process_contrastive_loss_equals_one_process_on_the_whole_batch(two_
         torch.testing.assert_close(half["grad"], weight.grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stage, processes, launcher", [(0, 1, "cli"), (1, 1, "worker"), (3, 2, "cli")])
-def test_zero_stages_0_1_3_write_checkpoints_export_reads(corpus, dataset, tmp_path, capsys, stage, processes,
-                                                         launcher):
-    """(ZeRO-2 is covered above.) Two steps, evaluated after each, so best/ and final/ both get written."""
+@pytest.mark.parametrize("stage, processes, launcher, tensorboard",
+                         [(0, 1, "cli", False), (1, 1, "worker", True), (3, 2, "cli", True)])  # fmt: skip
+def test_zero_stages_0_1_3_write_checkpoints_export_reads(corpus, dataset, tmp_path, capsys, read_scalars, stage,
+                                                         processes, launcher, tensorboard):
+    """(ZeRO-2 is covered above.) Two steps, evaluated after each, so best/ and final/ both get written. TensorBoard
+    files come from rank 0 alone, and none at all under --no-tensorboard."""
     out = tmp_path / f"zero{stage}"
-    launch(corpus, out, "--epochs", "1", "--max-steps", "2", "--eval-every", "1", "--zero-stage", str(stage),
-           processes=processes, launcher=launcher)  # fmt: skip
+    metrics = launch(corpus, out, "--epochs", "1", "--max-steps", "2", "--eval-every", "1", "--zero-stage", str(stage),
+                     "--tensorboard" if tensorboard else "--no-tensorboard", processes=processes, launcher=launcher)
+    if tensorboard:
+        assert len(list((out / "tensorboard").iterdir())) == 1
+        assert_scalars_mirror_metrics(read_scalars(out), metrics)
+    else:
+        assert not (out / "tensorboard").exists()
     assert (out / "best" / "model.safetensors").exists()
     assert_loads_in_export(out / "final", dataset, capsys)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
@@ -262,7 +288,7 @@ def test_resume_without_an_intact_step_names_the_broken_ones(tmp_path):
 
 
 def test_pairs_follow_the_papers_rule():
-    sequences = P.Sequences(offsets=np.array([0, 2, 7]), items=np.array([5, 6, 1, 2, 3, 4, 9]))
+    sequences = Sequences.from_lists([[5, 6], [1, 2, 3, 4, 9]])
     rng = np.random.default_rng(0)
     draws = [rng.random(2) for _ in range(300)]  # one uniform draw per sequence, as an epoch plan gives
     pairs = [P.sample_pairs(sequences, np.array([0, 1]), d, history=3) for d in draws]
@@ -275,6 +301,38 @@ def test_pairs_follow_the_papers_rule():
     # length 2: targets at positions 0 or 1; length 5: positions 2, 3 or 4, with the (up to 3) items before.
     assert seen[0] == {((0, 0, 0), 5), ((0, 0, 5), 6)}
     assert seen[1] == {((0, 1, 2), 3), ((1, 2, 3), 4), ((2, 3, 4), 9)}
+
+
+def test_corpus_is_csr_and_side_a_is_the_items_before_the_target(tmp_path):
+    """A hand-built corpus: its sequences load into common.data's CSR storage in file order, and for any draw side a
+    holds exactly the `history` items before the drawn target (PAD on the left), side b the target."""
+    train = [["a", "b"], ["c", "d", "e", "f", "g"], ["g", "a", "c"]]
+    (tmp_path / "meta_data.json").write_text(json.dumps({key: {"title": key} for key in "gfedcba"}))
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    (tmp_path / "dev.json").write_text(json.dumps([["b", "a"]]))
+    corpus = P.load_corpus(tmp_path)
+    item_id = {key: i for i, key in enumerate(corpus.item_keys)}
+    assert corpus.item_keys == ["", *"gfedcba"]  # ids follow meta_data.json
+    assert isinstance(corpus.train, Sequences) and isinstance(corpus.dev, Sequences)
+    assert corpus.train.offsets.tolist() == [0, 2, 7, 10]
+    assert corpus.train.items.tolist() == [item_id[key] for sequence in train for key in sequence]
+    assert corpus.dev.items.tolist() == [item_id["b"], item_id["a"]]
+
+    rows = np.array([2, 0, 1])
+    targets_seen = set()
+    for draws in np.random.default_rng(0).random((40, 3)):
+        for history in (1, 3, 6):
+            side_a, side_b = P.sample_pairs(corpus.train, rows, draws, history)
+            assert side_a.shape == (3, history) and side_b.shape == (3, 1)
+            for row, a, b in zip(rows, side_a.tolist(), side_b.tolist()):
+                sequence = [item_id[key] for key in train[row]]
+                first = (len(sequence) - 1) // 2
+                position = first + int(draws[row] * (len(sequence) - first))
+                before = sequence[:position][-history:]
+                assert a == [PAD] * (history - len(before)) + before
+                assert b == [sequence[position]]
+                targets_seen.add((row, position))
+    assert targets_seen == {(0, 0), (0, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2)}
 
 
 def test_bad_corpus_fails_with_one_line_naming_the_file(tmp_path):
@@ -309,5 +367,5 @@ def test_resume_refuses_settings_that_make_another_run(tmp_path):
     write_json_atomic(tmp_path / "config.json", started)
     with pytest.raises(P.InputError, match=r"config.json: --resume with other settings .*\(--lr, --seed\)"):
         P.main(dataclasses.replace(started, resume=True, max_steps=0, lr=1.0, seed=7))
-    with pytest.raises(P.InputError, match="no intact checkpoint"):  # bounds may change: the check passes
-        P.main(dataclasses.replace(started, resume=True, max_steps=0, save_every=3))
+    with pytest.raises(P.InputError, match="no intact checkpoint"):  # bounds and logs may change: the check passes
+        P.main(dataclasses.replace(started, resume=True, max_steps=0, save_every=3, tensorboard=False))

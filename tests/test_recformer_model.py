@@ -155,7 +155,31 @@ def test_seqrec_scores_and_losses():
     labels = torch.tensor([1, 2, 5])
     full_softmax = torch.nn.functional.cross_entropy(expected[:, 1:], labels - 1)
     torch.testing.assert_close(model.loss(pooled, labels, 0), full_softmax)
-    assert torch.isfinite(model.loss(pooled, labels, 4))
+
+
+def test_sampled_softmax_loss_matches_numpy(monkeypatch):
+    """negatives > 0: cross-entropy of the label (column 0) against the drawn items, which are uniform over the real
+    items 1..N (never PAD) and may repeat or hit the label; here the draws are fixed and the loss written in numpy."""
+    model = tiny_model(RecformerForSeqRec)
+    table = torch.randn(6, 16)  # PAD + 5 items
+    model.set_item_table(table)
+    pooled, labels = torch.randn(3, 16), torch.tensor([1, 2, 5])
+    drawn = torch.tensor([[2, 3, 2, 4], [1, 5, 5, 2], [4, 4, 1, 3]])
+
+    def fixed_draws(low, high, size, device=None):
+        assert (low, high, tuple(size)) == (1, 6, (3, 4))
+        return drawn.to(device)
+
+    monkeypatch.setattr(torch, "randint", fixed_draws)
+    loss = model.loss(pooled, labels, 4)
+
+    queries = pooled.numpy() / np.linalg.norm(pooled.numpy(), axis=1, keepdims=True)
+    keys = table.numpy() / np.linalg.norm(table.numpy(), axis=1, keepdims=True)
+    candidates = np.concatenate([labels.numpy()[:, None], drawn.numpy()], axis=1)  # (3, 5), label in column 0
+    logits = np.einsum("bh,bch->bc", queries, keys[candidates]) / model.config.temp
+    shifted = logits - logits.max(1, keepdims=True)  # cos / 0.05 reaches 20: shift before exp
+    log_softmax = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    assert loss.item() == pytest.approx(-log_softmax[:, 0].mean(), rel=1e-5)
 
 
 def test_mlm_loss_matches_full_logits():
