@@ -117,6 +117,28 @@ def test_the_stage_with_the_better_validation_is_reloaded_and_tested(two_stage_r
     assert fresh_evaluation(out / f"stage{other}", synthetic_data, "test") != fresh  # the stages are told apart
 
 
+def test_the_best_epoch_is_tested_when_later_ones_ran(synthetic_data, tmp_path, monkeypatch):
+    """Validation NDCG@10 scripted so that stage 1's first epoch is the best of the run: the model in memory at the
+    end (stage 2's last epoch) must not be the one tested, but stage1/ reloaded."""
+    scripted = iter([0.0, 0.9, 0.1, 0.5, 0.6])  # untrained, stage 1 epochs 1-2, stage 2 epochs 1-2
+    evaluate_split = finetune_recformer.evaluate_split
+
+    def scripted_validation(run, split):
+        metrics = evaluate_split(run, split)
+        return {**metrics, "NDCG@10": next(scripted)} if split == "val" else metrics
+
+    monkeypatch.setattr(finetune_recformer, "evaluate_split", scripted_validation)
+    out = tmp_path / "run"
+    finetune_recformer.main(short_run_args(synthetic_data, out, batch_size=32, tensorboard=False))
+    assert [r["NDCG@10"] for r in records_of(out)] == [0.0, 0.9, 0.1, 0.5, 0.6]
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert test["stage"] == 1 and test["val_NDCG@10"] == 0.9
+    monkeypatch.undo()
+    fresh = fresh_evaluation(out / "stage1", synthetic_data, "test")
+    assert {name: test[name] for name in fresh} == fresh
+    assert fresh_evaluation(out / "stage2", synthetic_data, "test") != fresh
+
+
 def test_a_validation_tie_tests_stage_1(synthetic_data, tmp_path):
     """With learning rate 0 nothing changes, so both stages validate alike: stage 1 is tested."""
     out = tmp_path / "run"
