@@ -12,7 +12,8 @@ are cosine(sequence, item) / temp against an item table that is not a parameter:
 
 A training example is, per user and epoch, a random position of the training sequence: the items before it (possibly
 none) are the input, the item at it the label. Loss: softmax over all items, or sampled softmax with
---finetune-negatives random items. AdamW (no weight decay on biases and LayerNorm), linear warm-up then decay.
+--finetune-negatives random items. AdamW (no weight decay on biases and LayerNorm), linear warm-up then decay
+(transformers.get_linear_schedule_with_warmup).
 Evaluation is the shared code (common/evaluation.py) with the same cached negatives as SASRec and BERT4Rec.
 
 Padding-free batches: an optimizer step's batch_size x grad_accum examples (users in random order, as before) are
@@ -37,6 +38,9 @@ rank 0 alone prints and writes files. One process runs exactly as without a laun
 
 --epochs 0 is zero-shot evaluation: the checkpoint's item table, validation and test, no training.
 
+Outputs: metrics.jsonl (one line per validation), test_metrics.json, stage1/ and stage2/ (checkpoint plus the item
+table its validation used) and, unless --no-tensorboard, TensorBoard scalars under tensorboard/ (see main()).
+
     python finetune_recformer.py --data data/synthetic --backbone tiny --epochs 2
     torchrun --nproc_per_node 2 finetune_recformer.py --data data/synthetic --backbone tiny --epochs 2
     python finetune_recformer.py --data data/synthetic --backbone runs/pretrain/<run>/best --epochs 0
@@ -55,6 +59,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from transformers import get_linear_schedule_with_warmup
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive
 from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
@@ -70,12 +75,21 @@ from common.distributed import (
     silence_other_ranks,
 )
 from common.embeddings import EmbeddingFileError, load_item_embeddings, save_item_embeddings
-from common.evaluation import check_sample_size, evaluate, require_users, result_line, sample_negatives
+from common.evaluation import (
+    check_sample_size,
+    evaluate,
+    metric_names,
+    require_users,
+    result_line,
+    sample_negatives,
+)
 from common.modeling_recformer import RecformerForSeqRec, encode_items, set_attention
 from common.run import (
     EarlyStopping,
     OutputError,
+    Scalars,
     append_jsonl,
+    autocast,
     check_run_dir,
     create_run_dir,
     parameter_groups,
@@ -102,6 +116,9 @@ CALL_TOKENS = 64
 """Padded tokens worth one more encoder call when a batch is cut by token length: on Scientific, examples of one
 optimizer step (16 x 8) then run in about 15 calls instead of 8 with 5% padding instead of 76% (on one CPU thread a
 call's fixed cost is a few tokens' worth)."""
+LOG_EVERY = 10
+"""Optimizer steps between two points of the training loss and learning-rate curves (reading the loss waits for the
+device)."""
 
 
 @dataclass
@@ -158,18 +175,72 @@ class Args(Checked):
     usual. None: no limit."""
     stages: Literal[1, 2] = 2
     """Stages to run: 2 = the paper's two stages; 1 = stage 1 only (all that export of <out>/stage1 needs)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)."""
+
+
+@dataclass
+class Run:
+    """What the functions below share within one run (no behaviour): the model and its item tokens, where and in
+    which precision it runs, this process's place, and the state that changes as it trains.
+
+    weights_version counts changes of the weights (optimizer steps, loads); table_version is the weights_version the
+    item table was encoded from, so a refresh with nothing changed since (the untrained evaluation's table at the
+    start of stage 1) costs nothing.
+    """
+
+    args: Args
+    data: SeqDataset
+    model: RecformerForSeqRec
+    tokenizer: RecformerTokenizer
+    tokens: ItemTokens
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None: float32
+    rank: int
+    world: int
+    max_items: int  # items in a history: the model's item positions but the first token's
+    token_budget: int  # tokens of one encoder call at most: batch_size x max_token_num
+    examples_per_step: int  # batch_size x grad_accum x world
+    rng: np.random.Generator  # training positions and user order
+    scaler: torch.amp.GradScaler  # loss scaling, enabled for float16 only
+    weights_version: int = 0
+    table_version: int | None = None
+
+
+def prepare(
+    args: Args, data: SeqDataset, model: RecformerForSeqRec, tokenizer: RecformerTokenizer,
+    device: torch.device | None = None, rank: int = 0, world: int = 1,
+) -> Run:  # fmt: skip
+    """The run's state, the model moved to `device`. With world > 1 (a process group is set up), rank 0's weights
+    are copied to every process, which then keep equal weights: equal averaged gradients, equal optimizer steps."""
+    device = device or resolve_device(args.device)
+    dtype = precision(args.dtype, device)
+    run = Run(
+        args=args, data=data, model=model, tokenizer=tokenizer, tokens=dataset_item_tokens(tokenizer, data),
+        device=device, dtype=dtype, rank=rank, world=world, max_items=model.config.max_item_embeddings - 1,
+        token_budget=args.batch_size * model.config.max_token_num,
+        examples_per_step=args.batch_size * args.grad_accum * world, rng=np.random.default_rng(args.seed),
+        scaler=torch.amp.GradScaler(enabled=dtype == torch.float16),
+    )  # fmt: skip
+    model.to(device)
+    if world > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+        torch.manual_seed(args.seed + rank)  # dropout differs between the processes, as between examples
+    return run
 
 
 def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int):
     """AdamW without decay on biases and LayerNorm weights; linear warm-up, then linear decay to 0 at total_steps."""
     optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
 
-    def factor(step: int) -> float:
-        if step < args.warmup_steps:
-            return step / max(1, args.warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def stage_steps(run: Run) -> int:
+    """Optimizer steps of a stage that runs every epoch: the size of its learning-rate schedule."""
+    examples = len(np.flatnonzero(run.data.train_len > 0))
+    total = -(-examples // run.examples_per_step) * run.args.epochs
+    return total if run.args.max_steps is None else min(total, run.args.max_steps)
 
 
 def training_examples(data: SeqDataset, max_items: int, rng: np.random.Generator):
@@ -184,6 +255,42 @@ def table_fingerprint(table: torch.Tensor) -> str:
     return hashlib.sha256(table.detach().cpu().numpy().tobytes()).hexdigest()[:12]
 
 
+def refresh_item_table(run: Run) -> None:
+    """Encode the item table with the current encoder, unless it already was since the weights last changed."""
+    if run.table_version == run.weights_version:
+        return
+    began = time.time()
+    table = encode_items(
+        run.model.longformer, run.tokens, batch_size=run.args.encode_batch_size, device=run.device,
+        autocast_dtype=run.dtype, sharded=run.world > 1,
+    )  # fmt: skip
+    run.model.set_item_table(table)
+    run.table_version = run.weights_version
+    seconds = time.time() - began
+    print(f"item table: {run.data.num_items} items in {seconds:.1f} s, {run.data.num_items / seconds:.1f} "
+          f"items/s on {run.world} process(es)")  # fmt: skip
+
+
+def length_groups(run: Run, histories: np.ndarray) -> list[np.ndarray]:
+    """Row indices of `histories` grouped by token length (see CALL_TOKENS), each group one encoder call."""
+    lengths = sequence_token_counts(run.tokens, histories, run.model.config)
+    return token_budget_chunks(lengths, run.token_budget, CALL_TOKENS)
+
+
+def encoder_call(run: Run, histories: np.ndarray) -> torch.Tensor:
+    """Pooled sequence vectors (B, H) of histories (B, L), one encoder call."""
+    batch = to_device(build_batch(run.tokens, histories, run.model.config), run.device)
+    with autocast(run.device, run.args.dtype):
+        return run.model(**batch)
+
+
+def sequence_vectors(run: Run, histories: np.ndarray) -> torch.Tensor:
+    """Pooled sequence vectors (B, H) of histories (B, L), encoded in groups of similar token length."""
+    groups = length_groups(run, histories)
+    vectors = torch.cat([encoder_call(run, histories[rows]) for rows in groups])
+    return vectors[torch.from_numpy(np.argsort(np.concatenate(groups))).to(run.device)]
+
+
 def average_gradients(model: torch.nn.Module, world: int) -> None:
     """Replace every trainable parameter's gradient by its mean over the processes, in one all-reduce (a process
     that saw no example this step contributes zeros)."""
@@ -196,187 +303,108 @@ def average_gradients(model: torch.nn.Module, world: int) -> None:
         param.grad = mean
 
 
-class Trainer:
-    """The state one fine-tuning run shares between its stages: model, item tokens, device, precision.
+def loss_over_processes(loss_sum: torch.Tensor, examples: int, world: int) -> tuple[float, int]:
+    """(mean loss per example, examples) over every process, from this process's loss sum and example count."""
+    sums = torch.stack([loss_sum, loss_sum.new_tensor(examples)])
+    if world > 1:
+        dist.all_reduce(sums)
+    return float(sums[0]) / max(1, int(sums[1].item())), int(sums[1].item())
 
-    weights_version counts changes of the weights (optimizer steps, loads); the item table remembers the version it
-    was encoded from, so a refresh with nothing changed since (the untrained evaluation's table at the start of
-    stage 1) costs nothing. With world > 1 (a process group is set up), rank 0's weights are copied to every
-    process, which then keep equal weights: equal averaged gradients, equal optimizer steps.
+
+def train_epoch(
+    run: Run, optimizer, schedule, *, stage: int, epoch: int, first_step: int, max_steps: int, scalars: Scalars
+) -> tuple[float, int, int]:
+    """One pass over the users, at most max_steps optimizer steps; returns (mean loss per example, steps,
+    examples), all over every process. At every multiple of LOG_EVERY of the stage's steps (first_step before this
+    epoch), "stage<k>/train/loss" (mean over the examples of this epoch's steps since the last point) and
+    "stage<k>/train/lr" (the rate of the last step) go to `scalars` at x = that step.
+
+    Each step's examples_per_step examples (every world-th of them on this process) run in groups of similar token
+    length; each group's mean loss is weighted by its share of the step's examples (times world, as the processes'
+    gradients are averaged), so the step's gradient is that of the step's mean loss, however the examples are
+    grouped and shared.
     """
+    run.model.train()
+    histories, labels = training_examples(run.data, run.max_items, run.rng)  # the same on every process
+    per_step = run.examples_per_step
+    total = torch.zeros((), dtype=torch.float64, device=run.device)  # on the device: no host sync per call
+    seen, steps = 0, 0
+    logged_total, logged_seen = total.clone(), 0  # loss sum and examples at the last scalars point
+    bar = progress(range(0, len(labels), per_step), desc=f"stage {stage} epoch {epoch}", leave=False)
+    for begin in bar:
+        step_rows = np.arange(begin, min(begin + per_step, len(labels)))
+        local_rows = step_rows[run.rank :: run.world]
+        for rows in length_groups(run, histories[local_rows]) if len(local_rows) else []:
+            rows = local_rows[rows]
+            label = torch.from_numpy(labels[rows]).to(run.device)
+            loss = run.model.loss(encoder_call(run, histories[rows]), label, run.args.finetune_negatives)
+            run.scaler.scale(loss * (len(rows) * run.world / len(step_rows))).backward()
+            total += loss.detach().double() * len(rows)
+        seen += len(local_rows)
+        if run.world > 1:
+            average_gradients(run.model, run.world)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        schedule.step()
+        run.weights_version += 1
+        steps += 1
+        if (first_step + steps) % LOG_EVERY == 0:  # reading the loss waits for the device, so not every step
+            recent, _ = loss_over_processes(total - logged_total, seen - logged_seen, run.world)
+            logged_total, logged_seen = total.clone(), seen
+            bar.set_postfix(loss=f"{recent:.4f}")
+            scalars.add(first_step + steps, **{f"stage{stage}/train/loss": recent, f"stage{stage}/train/lr": lr})
+        if steps == max_steps:
+            break
+    mean_loss, examples = loss_over_processes(total, seen, run.world)
+    return mean_loss, steps, examples
 
-    def __init__(
-        self, args: Args, data: SeqDataset, model: RecformerForSeqRec, tokenizer: RecformerTokenizer,
-        device: torch.device | None = None, rank: int = 0, world: int = 1,
-    ):  # fmt: skip
-        self.args, self.data, self.model, self.tokenizer = args, data, model, tokenizer
-        self.device = device or resolve_device(args.device)
-        self.rank, self.world = rank, world
-        self.dtype = precision(args.dtype, self.device)
-        self.tokens: ItemTokens = dataset_item_tokens(tokenizer, data)
-        self.max_items = model.config.max_item_embeddings - 1
-        self.token_budget = args.batch_size * model.config.max_token_num
-        self.rng = np.random.default_rng(args.seed)
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
-        self.weights_version, self.table_version = 0, None
-        model.to(self.device)
-        if world > 1:
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
-            torch.manual_seed(args.seed + rank)  # dropout differs between the processes, as between examples
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+@torch.no_grad()
+def evaluate_split(run: Run, split: str) -> dict[str, float]:
+    """Metrics of `split` ("val" or "test") against the model's current item table (common/evaluation.py)."""
+    run.model.eval()
 
-    def refresh_table(self) -> None:
-        """Encode the item table with the current encoder, unless it already was since the weights last changed."""
-        if self.table_version == self.weights_version:
-            return
-        began = time.time()
-        table = encode_items(
-            self.model.longformer, self.tokens, batch_size=self.args.encode_batch_size, device=self.device,
-            autocast_dtype=self.dtype, sharded=self.world > 1,
-        )  # fmt: skip
-        self.model.set_item_table(table)
-        self.table_version = self.weights_version
-        seconds = time.time() - began
-        print(f"item table: {self.data.num_items} items in {seconds:.1f} s, {self.data.num_items / seconds:.1f} "
-              f"items/s on {self.world} process(es)")
+    def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        return run.model.scores(sequence_vectors(run, histories.cpu().numpy()), candidates)
 
-    def chunks(self, histories: np.ndarray) -> list[np.ndarray]:
-        """Row indices of `histories` grouped by token length (see CALL_TOKENS), each group one encoder call."""
-        lengths = sequence_token_counts(self.tokens, histories, self.model.config)
-        return token_budget_chunks(lengths, self.token_budget, CALL_TOKENS)
+    return evaluate(
+        scorer, run.data, split, max_len=run.max_items, sample_size=run.args.sample_size, device=run.device,
+        batch_size=run.args.eval_batch_size, sharded=run.world > 1,
+    )  # fmt: skip
 
-    def encode(self, histories: np.ndarray) -> torch.Tensor:
-        """Pooled sequence vectors (B, H) of histories (B, L), one encoder call."""
-        batch = to_device(build_batch(self.tokens, histories, self.model.config), self.device)
-        with self.autocast():
-            return self.model(**batch)
 
-    def pooled(self, histories: np.ndarray) -> torch.Tensor:
-        """Pooled sequence vectors (B, H) of histories (B, L), encoded in groups of similar token length."""
-        chunks = self.chunks(histories)
-        pooled = torch.cat([self.encode(histories[rows]) for rows in chunks])
-        return pooled[torch.from_numpy(np.argsort(np.concatenate(chunks))).to(self.device)]
+def metric_scalars(prefix: str, metrics: dict) -> dict[str, float]:
+    """{"<prefix>/HR@1": ..., ..., "<prefix>/MRR": ...} of an evaluate() dict."""
+    return {f"{prefix}/{name}": metrics[name] for name in metric_names()}
 
-    @property
-    def examples_per_step(self) -> int:
-        return self.args.batch_size * self.args.grad_accum * self.world
 
-    def train_epoch(self, optimizer, schedule, desc: str, max_steps: int) -> tuple[float, int, int]:
-        """One pass over the users, at most max_steps optimizer steps; returns (mean loss per example, steps,
-        examples), all over every process.
+def save_stage(run: Run, directory: Path) -> None:
+    """Checkpoint directory plus the item table the stage's validation used (rank 0 writes it)."""
+    if run.rank != 0:
+        return
+    table = run.model.item_table
+    save_checkpoint(
+        directory, run.model, run.tokenizer,
+        extra=lambda tmp: save_item_embeddings(tmp / TABLE_FILE, table, run.data, str(directory)),
+    )  # fmt: skip
 
-        Each step's examples_per_step examples (every world-th of them on this process) run in groups of similar
-        token length; each group's mean loss is weighted by its share of the step's examples (times world, as the
-        processes' gradients are averaged), so the step's gradient is that of the step's mean loss, however the
-        examples are grouped and shared.
-        """
-        self.model.train()
-        histories, labels = training_examples(self.data, self.max_items, self.rng)  # the same on every process
-        per_step = self.examples_per_step
-        total = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: no host sync per call
-        seen, steps = 0, 0
-        bar = progress(range(0, len(labels), per_step), desc=desc, leave=False)
-        for begin in bar:
-            step_rows = np.arange(begin, min(begin + per_step, len(labels)))
-            local_rows = step_rows[self.rank :: self.world]
-            for rows in self.chunks(histories[local_rows]) if len(local_rows) else []:
-                rows = local_rows[rows]
-                label = torch.from_numpy(labels[rows]).to(self.device)
-                loss = self.model.loss(self.encode(histories[rows]), label, self.args.finetune_negatives)
-                self.scaler.scale(loss * (len(rows) * self.world / len(step_rows))).backward()
-                total += loss.detach().double() * len(rows)
-            seen += len(local_rows)
-            if self.world > 1:
-                average_gradients(self.model, self.world)
-            self.scaler.step(optimizer)
-            self.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            self.weights_version += 1
-            steps += 1
-            if steps % 10 == 0:  # reading the loss waits for the device, so not every step
-                bar.set_postfix(loss=f"{float(total) / max(1, seen):.4f}")
-            if steps == max_steps:
-                break
-        if self.world > 1:
-            sums = torch.stack([total, total.new_tensor(seen)])
-            dist.all_reduce(sums)
-            total, seen = sums[0], int(sums[1].item())
-        return float(total) / max(1, seen), steps, seen
 
-    @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
-        self.model.eval()
+def load_stage(run: Run, directory: Path) -> None:
+    """Weights and item table of a directory written by save_stage()."""
+    if run.world > 1:
+        dist.barrier()  # rank 0 has finished writing it
+    run.model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    run.model.set_item_table(load_item_embeddings(directory / TABLE_FILE, run.data))
+    run.weights_version += 1
+    run.table_version = None  # the saved table was encoded at the start of that epoch, by older weights
 
-        def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
-            return self.model.scores(self.pooled(histories.cpu().numpy()), candidates)
 
-        return evaluate(
-            scorer, self.data, split, max_len=self.max_items, sample_size=self.args.sample_size,
-            device=self.device, batch_size=self.args.eval_batch_size, sharded=self.world > 1,
-        )  # fmt: skip
-
-    def save(self, directory: Path) -> None:
-        """Checkpoint directory plus the item table the stage's validation used (rank 0 writes it)."""
-        if self.rank != 0:
-            return
-        table = self.model.item_table
-        save_checkpoint(
-            directory, self.model, self.tokenizer,
-            extra=lambda tmp: save_item_embeddings(tmp / TABLE_FILE, table, self.data, str(directory)),
-        )  # fmt: skip
-
-    def load(self, directory: Path) -> None:
-        """Weights and item table of a directory written by save()."""
-        if self.world > 1:
-            dist.barrier()  # rank 0 has finished writing it
-        state = load_file(str(directory / "model.safetensors"))
-        self.model.load_state_dict(state)
-        self.model.set_item_table(load_item_embeddings(directory / TABLE_FILE, self.data))
-        self.weights_version += 1
-        self.table_version = None  # the saved table was encoded at the start of that epoch, by older weights
-
-    def run_stage(self, stage: int, run_dir: Path, refresh_every_epoch: bool) -> float:
-        """Train one stage with early stopping; the best model goes to run_dir/stage<k>; returns its val NDCG@10."""
-        examples = len(np.flatnonzero(self.data.train_len > 0))
-        total_steps = -(-examples // self.examples_per_step) * self.args.epochs
-        if self.args.max_steps is not None:
-            total_steps = min(total_steps, self.args.max_steps)
-        optimizer, schedule = optimizer_and_schedule(self.model, self.args, total_steps)
-        stopper = EarlyStopping(self.args.patience)
-        done = 0
-        for epoch in range(1, self.args.epochs + 1):
-            began = time.time()
-            if refresh_every_epoch:
-                self.refresh_table()
-            training_began = time.time()
-            loss, steps, trained = self.train_epoch(optimizer, schedule, f"stage {stage} epoch {epoch}",
-                                                    total_steps - done)  # fmt: skip
-            done += steps
-            seconds = time.time() - began
-            throughput = trained / (time.time() - training_began)
-            began = time.time()
-            val = self.evaluate("val")
-            record = {
-                "stage": stage, "epoch": epoch, "steps": done, "train_loss": loss, "train_seconds": seconds,
-                "val_seconds": time.time() - began, **val,
-            }  # fmt: skip
-            self.log(run_dir, {**record, "item_table": table_fingerprint(self.model.item_table)})
-            print(f"stage {stage} epoch {epoch}: loss {loss:.4f}, {throughput:.1f} sequences/s, "
-                  f"val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}")
-            if stopper.update(val[BEST_METRIC]):
-                self.save(run_dir / f"stage{stage}")
-            if stopper.should_stop or done >= total_steps:
-                break
-        return stopper.best
-
-    def log(self, run_dir: Path, record: dict) -> None:
-        """One metrics.jsonl line (rank 0 writes it)."""
-        if self.rank == 0:
-            append_jsonl(run_dir / "metrics.jsonl", record)
+def log_record(run: Run, run_dir: Path, record: dict) -> None:
+    """One metrics.jsonl line (rank 0 writes it)."""
+    if run.rank == 0:
+        append_jsonl(run_dir / "metrics.jsonl", record)
 
 
 def fill_caches(data: SeqDataset, tokenizer: RecformerTokenizer, sample_size: int) -> None:
@@ -386,7 +414,7 @@ def fill_caches(data: SeqDataset, tokenizer: RecformerTokenizer, sample_size: in
         sample_negatives(data, sample_size)
 
 
-def start(args: Args) -> Trainer:
+def start(args: Args) -> Run:
     """Flags, data, process group (when launched on many processes), model: a one-line error for bad input."""
     try:
         check_run_dir(args.out, args.overwrite, args)
@@ -402,42 +430,84 @@ def start(args: Args) -> Trainer:
         set_attention(model, args.attention)
         if world > 1:
             rank0_first(lambda: fill_caches(data, tokenizer, args.sample_size))
-        return Trainer(args, data, model, tokenizer, device, rank, world)
+        return prepare(args, data, model, tokenizer, device, rank, world)
     except (DatasetError, BackboneError, EmbeddingFileError, OutputError, LaunchError) as error:
         raise SystemExit(f"error: {error}") from None
 
 
-def main(args: Args) -> Trainer:
-    """Fine-tune (or, with --epochs 0, evaluate zero-shot); returns the trainer (tests compare the processes)."""
+def main(args: Args) -> Run:
+    """Fine-tune (or, with --epochs 0, evaluate zero-shot); returns the run's state (tests compare the processes).
+
+    TensorBoard x axis: optimizer steps within the stage. The untrained validation is step 0 of "stage1/val/*"
+    (also with --epochs 0); "stage<k>/val/*" and "stage<k>/train/sequences_per_s" follow at the end of each epoch,
+    "stage<k>/train/loss" and "stage<k>/train/lr" every LOG_EVERY steps; "test/*" is at step 0.
+    """
     seed_everything(args.seed)
-    trainer = start(args)
+    run = start(args)
     if args.fix_word_embedding:
-        trainer.model.longformer.embeddings.word_embeddings.weight.requires_grad_(False)
+        run.model.longformer.embeddings.word_embeddings.weight.requires_grad_(False)
     run_dir = from_rank0(
         lambda: create_run_dir(args.out, "finetune", args.data, args.tag, args, overwrite=args.overwrite)
     )
     print(f"run directory: {run_dir}")
+    scalars = Scalars(run_dir, args.tensorboard and run.rank == 0)
 
-    trainer.refresh_table()
-    untrained = trainer.evaluate("val")
-    trainer.log(run_dir, {"stage": 0, "epoch": 0, **untrained})
+    refresh_item_table(run)
+    untrained = evaluate_split(run, "val")
+    log_record(run, run_dir, {"stage": 0, "epoch": 0, **untrained})
+    scalars.add(0, **metric_scalars("stage1/val", untrained))
     print(f"untrained: val ({untrained['protocol']}) {BEST_METRIC} {untrained[BEST_METRIC]:.4f}")
 
-    if args.epochs == 0:  # zero-shot: the checkpoint as given
-        stage, best = 0, {0: untrained[BEST_METRIC]}
-    else:
-        best = {1: trainer.run_stage(1, run_dir, refresh_every_epoch=True)}
-        if args.stages == 2:
-            trainer.load(run_dir / "stage1")
-            trainer.refresh_table()
-            best[2] = trainer.run_stage(2, run_dir, refresh_every_epoch=False)
+    best = {}  # stage -> its best validation NDCG@10
+    for stage in (1, 2)[: args.stages] if args.epochs > 0 else ():  # --epochs 0: zero-shot, nothing trained
+        if stage == 2:  # the best stage-1 model encodes the table that stage 2 keeps
+            load_stage(run, run_dir / "stage1")
+            refresh_item_table(run)
+        total_steps = stage_steps(run)
+        optimizer, schedule = optimizer_and_schedule(run.model, args, total_steps)
+        stopper = EarlyStopping(args.patience)
+        done = 0
+        for epoch in range(1, args.epochs + 1):
+            began = time.time()
+            if stage == 1:  # stage 1 trains against the table of the current encoder
+                refresh_item_table(run)
+            training_began = time.time()
+            loss, steps, trained = train_epoch(
+                run, optimizer, schedule, stage=stage, epoch=epoch, first_step=done, max_steps=total_steps - done,
+                scalars=scalars,
+            )  # fmt: skip
+            done += steps
+            seconds = time.time() - began
+            throughput = trained / (time.time() - training_began)
+            began = time.time()
+            val = evaluate_split(run, "val")
+            record = {
+                "stage": stage, "epoch": epoch, "steps": done, "train_loss": loss, "train_seconds": seconds,
+                "val_seconds": time.time() - began, **val,
+            }  # fmt: skip
+            log_record(run, run_dir, {**record, "item_table": table_fingerprint(run.model.item_table)})
+            scalars.add(done, **{f"stage{stage}/train/sequences_per_s": throughput},
+                        **metric_scalars(f"stage{stage}/val", val))  # fmt: skip
+            print(f"stage {stage} epoch {epoch}: loss {loss:.4f}, {throughput:.1f} sequences/s, "
+                  f"val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}")  # fmt: skip
+            if stopper.update(val[BEST_METRIC]):
+                save_stage(run, run_dir / f"stage{stage}")
+            if stopper.should_stop or done >= total_steps:
+                break
+        best[stage] = stopper.best
+
+    if best:
         stage = max(best, key=best.get)  # on a tie, stage 1
-        trainer.load(run_dir / f"stage{stage}")
-    test = trainer.evaluate("test")
-    if trainer.rank == 0:
+        load_stage(run, run_dir / f"stage{stage}")
+    else:  # zero-shot: the checkpoint as given
+        stage, best = 0, {0: untrained[BEST_METRIC]}
+    test = evaluate_split(run, "test")
+    if run.rank == 0:
         write_json_atomic(run_dir / "test_metrics.json", {**test, "stage": stage, f"val_{BEST_METRIC}": best[stage]})
+    scalars.add(0, **metric_scalars("test", test))
+    scalars.close()
     print(result_line(f"test, stage {stage} model" if stage else "test, zero-shot", test))
-    return trainer
+    return run
 
 
 if __name__ == "__main__":

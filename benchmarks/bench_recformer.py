@@ -48,11 +48,7 @@ from common.modeling_recformer import (  # noqa: E402
     encode_items,
     set_attention,
 )
-from common.run import (  # noqa: E402
-    resolve_device,
-    seed_everything,
-    to_device,  # noqa: E402
-)
+from common.run import Scalars, resolve_device, seed_everything, to_device  # noqa: E402
 from common.tokenization_recformer import (  # noqa: E402
     ItemTokens,
     build_batch,
@@ -227,11 +223,14 @@ def stage_estimates(data, args: Args) -> None:
     """Whole-dataset stage times of MiniLM with the fast attention, extrapolated from a few real batches."""
     finetune_args = finetune_recformer.Args(data=args.data, device=args.device, dtype=args.dtype, seed=args.seed)
     model, tokenizer = load_backbone(minilm_path(), RecformerForSeqRec)
-    trainer = finetune_recformer.Trainer(finetune_args, data, model, tokenizer)
-    model.set_item_table(torch.randn(data.num_items + 1, model.config.hidden_size, device=trainer.device))
+    run = finetune_recformer.prepare(finetune_args, data, model, tokenizer)
+    model.set_item_table(torch.randn(data.num_items + 1, model.config.hidden_size, device=run.device))
     optimizer, schedule = finetune_recformer.optimizer_and_schedule(model, finetune_args, 100)
     steps = args.stage_steps
-    train = seconds_of(lambda: trainer.train_epoch(optimizer, schedule, "steps", max_steps=steps)) / steps
+    no_scalars = Scalars(Path(), enabled=False)
+    train = seconds_of(lambda: finetune_recformer.train_epoch(
+        run, optimizer, schedule, stage=1, epoch=1, first_step=0, max_steps=steps, scalars=no_scalars,
+    )) / steps  # fmt: skip
     per_step = finetune_args.batch_size * finetune_args.grad_accum
     steps_per_epoch = -(-len(np.flatnonzero(data.train_len > 0)) // per_step)
 
@@ -240,15 +239,15 @@ def stage_estimates(data, args: Args) -> None:
     batch = finetune_args.eval_batch_size
     sample = np.random.default_rng(args.seed).permutation(len(histories))[: 4 * steps * batch]
     with torch.no_grad():
-        evaluation = seconds_of(lambda: [trainer.pooled(histories[sample[i : i + batch]])
+        evaluation = seconds_of(lambda: [finetune_recformer.sequence_vectors(run, histories[sample[i : i + batch]])
                                          for i in range(0, len(sample), batch)]) / len(sample)  # fmt: skip
     # Export: every k-th item in length order, so the sample has the catalogue's length distribution.
-    order = np.argsort(trainer.tokens.lengths[1:], kind="stable") + 1
+    order = np.argsort(run.tokens.lengths[1:], kind="stable") + 1
     picked = order[:: max(1, len(order) // (4 * steps * finetune_args.encode_batch_size))]
-    subset = item_subset(trainer.tokens, picked)
+    subset = item_subset(run.tokens, picked)
     encode = lambda: encode_items(  # noqa: E731
-        model.longformer, subset, batch_size=finetune_args.encode_batch_size, device=trainer.device,
-        autocast_dtype=trainer.dtype,
+        model.longformer, subset, batch_size=finetune_args.encode_batch_size, device=run.device,
+        autocast_dtype=run.dtype,
     )  # fmt: skip
     export = seconds_of(encode) / len(picked)
     print(f"\nMiniLM on {args.data}, fast attention, estimated from {steps} optimizer step(s) of "

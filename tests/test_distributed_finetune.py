@@ -31,8 +31,9 @@ RUN = ["--backbone", "tiny", "--batch-size", "8", "--grad-accum", "1", "--lr", "
        "--sample-size", str(SAMPLE_SIZE), "--eval-batch-size", "16", "--encode-batch-size", "16", "--device", "cpu",
        "--seed", "3"]  # fmt: skip
 
-# finetune_recformer.main, then this rank's weights and item table saved, so the test can compare the ranks; then,
-# without dropout, the averaged gradient of one optimizer step (2 x 8 users), which the test recomputes on one process.
+# finetune_recformer.main (a TensorBoard loss point per step), then this rank's weights and item table saved, so the
+# test can compare the ranks; then, without dropout, the averaged gradient of one optimizer step (2 x 8 users), which
+# the test recomputes on one process.
 WORKER = textwrap.dedent(f"""
     import sys
     sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
@@ -41,11 +42,12 @@ WORKER = textwrap.dedent(f"""
     from common.distributed import leave_process_group, parse_launched
     from test_finetune import first_step_gradients, without_dropout
     args = parse_launched(finetune_recformer.Args)
-    trainer = finetune_recformer.main(args)
-    weights = {{name: tensor.detach().cpu() for name, tensor in trainer.model.state_dict().items()}}
-    without_dropout(trainer.model)
-    gradients = first_step_gradients(trainer, seed=GRADIENT_SEED)
-    saved = {{"weights": weights, "item_table": trainer.model.item_table.cpu(), "gradients": gradients}}
+    finetune_recformer.LOG_EVERY = 1  # a TensorBoard loss point per optimizer step
+    run = finetune_recformer.main(args)
+    weights = {{name: tensor.detach().cpu() for name, tensor in run.model.state_dict().items()}}
+    without_dropout(run.model)
+    gradients = first_step_gradients(run, seed=GRADIENT_SEED)
+    saved = {{"weights": weights, "item_table": run.model.item_table.cpu(), "gradients": gradients}}
     torch.save(saved, args.out / f"rank{{dist.get_rank()}}.pt")
     leave_process_group()
 """).replace("GRADIENT_SEED", str(GRADIENT_SEED))
@@ -76,12 +78,12 @@ def two_processes(synthetic_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero_shot(synthetic_data, tmp_path_factory) -> tuple[Path, finetune_recformer.Trainer]:
+def zero_shot(synthetic_data, tmp_path_factory) -> tuple[Path, finetune_recformer.Run]:
     """--epochs 0 on one process, in this process, with the same flags and seed (so the same untrained model)."""
     out = tmp_path_factory.mktemp("zero") / "run"
-    trainer = finetune_recformer.main(parse_launched_args([*RUN, "--data", str(synthetic_data), "--out", str(out),
-                                                          "--epochs", "0"]))  # fmt: skip
-    return out, trainer
+    run = finetune_recformer.main(parse_launched_args([*RUN, "--data", str(synthetic_data), "--out", str(out),
+                                                      "--epochs", "0"]))  # fmt: skip
+    return out, run
 
 
 def parse_launched_args(argv: list[str]) -> finetune_recformer.Args:
@@ -107,6 +109,21 @@ def test_two_processes_loss_falls_and_ranks_hold_equal_weights(two_processes):
     assert saved.keys() <= rank0.keys()
     test = json.loads((two_processes / "test_metrics.json").read_text())
     assert test["stage"] == 1 and test["users"] == 300
+
+
+def test_rank_0_alone_writes_tensorboard_scalars_of_both_processes(two_processes, read_scalars):
+    """One event file (rank 0's); a step's loss point is the mean over the step's 16 users of both processes, so
+    each epoch's points, weighted by the step sizes, average to the epoch's train_loss."""
+    assert len(list((two_processes / "tensorboard").iterdir())) == 1
+    scalars = read_scalars(two_processes)
+    stage1 = [r for r in records(two_processes) if r["stage"] == 1]
+    points = [(0, records(two_processes)[0])] + [(r["steps"], r) for r in stage1]  # untrained, then each epoch
+    assert scalars["stage1/val/NDCG@10"] == [(step, pytest.approx(r["NDCG@10"])) for step, r in points]
+    losses = [y for _, y in scalars["stage1/train/loss"]]
+    assert [x for x, _ in scalars["stage1/train/loss"]] == list(range(1, 58))
+    users = [16] * 18 + [300 - 16 * 18]  # per step of an epoch
+    for epoch, r in enumerate(stage1):
+        assert np.dot(losses[19 * epoch :][:19], users) / 300 == pytest.approx(r["train_loss"], rel=1e-6)
 
 
 def test_a_two_process_step_has_the_gradient_of_its_16_users_mean_loss(two_processes, synthetic_data):
@@ -140,14 +157,14 @@ def test_two_process_validation_equals_one_process_exactly(two_processes, zero_s
 
 
 def test_zero_shot_writes_test_metrics_and_trains_nothing(zero_shot, synthetic_data):
-    out, trainer = zero_shot
+    out, run = zero_shot
     assert [(r["stage"], r["epoch"]) for r in records(out)] == [(0, 0)]
     test = json.loads((out / "test_metrics.json").read_text())
     assert test["stage"] == 0 and test["users"] == 300 and test["val_NDCG@10"] == records(out)[0]["NDCG@10"]
     assert not (out / "stage1").exists() and not (out / "stage2").exists()
     torch.manual_seed(3)  # the run's seed: the same random "tiny" backbone
     untouched, _ = load_backbone("tiny", RecformerForSeqRec, load_dataset(synthetic_data, verbose=False).item_text)
-    trained = trainer.model.state_dict()
+    trained = run.model.state_dict()
     for name, tensor in untouched.state_dict().items():
         if name != "item_table":
             assert torch.equal(trained[name].cpu(), tensor), name

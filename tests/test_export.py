@@ -12,7 +12,7 @@ import export_embeddings
 import finetune_recformer
 from common.convert_recformer import load_backbone, save_checkpoint
 from common.data import load_dataset
-from common.modeling_recformer import RecformerForSeqRec, encode_items
+from common.modeling_recformer import RecformerForSeqRec
 from common.tokenization_recformer import build_batch, dataset_item_tokens
 
 
@@ -60,22 +60,32 @@ def test_export_is_deterministic(tiny_checkpoint, synthetic_data, tmp_path):
     )
 
 
-def test_export_uses_the_same_table_function_as_finetuning(tiny_checkpoint, synthetic_data, tmp_path):
-    data = load_dataset(synthetic_data, verbose=False)
-    model, tokenizer = load_backbone(str(tiny_checkpoint), RecformerForSeqRec)
-    tokens = dataset_item_tokens(tokenizer, data)
-    expected = encode_items(model.longformer, tokens, batch_size=64, device=torch.device("cpu"))
-    assert torch.equal(export(tiny_checkpoint, synthetic_data, tmp_path / "e.safetensors"), expected)
+def finetune(data, out, dtype):
+    """One epoch of each stage with --dtype `dtype` (a few steps of 32 users; no TensorBoard)."""
+    finetune_recformer.main(finetune_recformer.Args(
+        data=data, backbone="tiny", out=out, epochs=1, patience=1, batch_size=32, grad_accum=1, lr=1e-3,
+        warmup_steps=1, sample_size=20, device="cpu", seed=0, dtype=dtype, tensorboard=False,
+    ))  # fmt: skip
+
+
+def test_export_of_stage1_writes_the_table_stage2_trained_against(synthetic_data, tmp_path):
+    """Stage 2 trains against the table of the best stage-1 encoder: exporting <run>/stage1 must write exactly it,
+    not the table stage 1's validation used (the untrained encoder's here: one epoch, encoded at its start)."""
+    run = tmp_path / "run"
+    finetune(synthetic_data, run, "float32")
+    stage2_table = load_file(str(run / "stage2" / "item_table.safetensors"))["item_embeddings"]
+    exported = export(run / "stage1", synthetic_data, tmp_path / "run.safetensors")
+    assert torch.equal(exported, stage2_table)
+    assert torch.count_nonzero(exported[0]) == 0
+    stage1_table = load_file(str(run / "stage1" / "item_table.safetensors"))["item_embeddings"]
+    assert (exported - stage1_table).abs().max() > 1e-3  # fine-tuning moved the vectors
 
 
 def test_export_encodes_in_the_precision_of_the_finetuning_run(synthetic_data, tmp_path):
     """A bfloat16 fine-tuning run trains stage 2 against its best stage-1 encoder's table under bf16 autocast:
     exporting <run>/stage1 without --dtype writes exactly that table; --dtype float32 overrides the run's choice."""
     run = tmp_path / "run"
-    finetune_recformer.main(finetune_recformer.Args(
-        data=synthetic_data, backbone="tiny", out=run, epochs=1, patience=1, batch_size=32, grad_accum=1, lr=1e-3,
-        warmup_steps=1, sample_size=20, device="cpu", seed=0, dtype="bfloat16",
-    ))  # fmt: skip
+    finetune(synthetic_data, run, "bfloat16")
     stage2_table = load_file(str(run / "stage2" / "item_table.safetensors"))["item_embeddings"]
     assert torch.equal(export(run / "stage1", synthetic_data, tmp_path / "run.safetensors"), stage2_table)
     float32 = export(run / "stage1", synthetic_data, tmp_path / "float32.safetensors", dtype="float32")

@@ -1,55 +1,56 @@
-"""Two-stage Recformer fine-tuning (finetune_recformer.py) on a slice of the real Amazon Scientific data."""
+"""Two-stage Recformer fine-tuning (finetune_recformer.py): on the built-in synthetic data (conftest's
+`synthetic_data`, 300 users), on hand-built datasets, and on a slice of the real Amazon Scientific data (skipped when
+../shared/data is absent)."""
 
 import itertools
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import export_embeddings
 import finetune_recformer
 from common.cli import FlagError
 from common.convert_recformer import load_backbone
 from common.data import load_dataset, write_dataset
+from common.embeddings import load_item_embeddings
+from common.evaluation import metric_names
 from common.modeling_recformer import RecformerForSeqRec
+from common.run import Scalars
 from common.tokenization_recformer import build_batch, dataset_item_tokens, sequence_token_counts, token_budget_chunks
 from prepare_data import Lcrec, build_lcrec
 
-USERS = 60
-POPULAR_ITEMS = 150
 SAMPLE_SIZE = 50
+STEPS_PER_EPOCH = 38  # ceil(300 users / 8 per step) in the synthetic runs below
+WARMUP_STEPS = 5
+LR = 1e-3
 
 
-@pytest.fixture(scope="module")
-def scientific_slice(shared_data, tmp_path_factory):
-    """LC-Rec Scientific cut to its POPULAR_ITEMS most popular items and the first USERS users left with at least 4
-    of them: a slice small enough for a CPU test yet dense enough that two short epochs learn something."""
-    folder = shared_data / "scientific"
-    sequences, meta = build_lcrec(Lcrec(folder / "Scientific.inter.json", folder / "Scientific.item.json", out=None))
-    popular = {item for item, _ in Counter(i for s in sequences.values() for i in s).most_common(POPULAR_ITEMS)}
-    kept = ([item for item in sequence if item in popular] for sequence in sequences.values())
-    long_enough = itertools.islice((sequence for sequence in kept if len(sequence) >= 4), USERS)
-    users = {str(user): sequence for user, sequence in enumerate(long_enough)}
-    used = {item for sequence in users.values() for item in sequence}
-    out = tmp_path_factory.mktemp("scientific") / "scientific_slice"
-    write_dataset(out, users, {key: text for key, text in meta.items() if key in used})
-    return out
+def records_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def run(scientific_slice, tmp_path_factory):
-    out = tmp_path_factory.mktemp("finetune") / "run"
-    args = finetune_recformer.Args(
-        data=scientific_slice, backbone="tiny", out=out, epochs=2, patience=2, batch_size=4, grad_accum=1, lr=1e-3,
-        warmup_steps=5, sample_size=SAMPLE_SIZE, device="cpu", seed=0,
+def short_run_args(data: Path, out: Path, **changes) -> finetune_recformer.Args:
+    """Flags of a short CPU run: two epochs per stage, batches of 8 users, one per optimizer step."""
+    flags = dict(
+        data=data, backbone="tiny", out=out, epochs=2, patience=2, batch_size=8, grad_accum=1, lr=LR,
+        warmup_steps=WARMUP_STEPS, sample_size=SAMPLE_SIZE, device="cpu", seed=0,
     )  # fmt: skip
-    finetune_recformer.main(args)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return out, records
+    return finetune_recformer.Args(**{**flags, **changes})
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(synthetic_data, tmp_path_factory):
+    """Two epochs of each stage (38 optimizer steps each), a TensorBoard point after every optimizer step."""
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_recformer, "LOG_EVERY", 1)
+        finetune_recformer.main(short_run_args(synthetic_data, out))
+    return out, records_of(out)
 
 
 def random_ndcg10(candidates: int) -> float:
@@ -57,58 +58,160 @@ def random_ndcg10(candidates: int) -> float:
     return sum(1 / math.log2(rank + 2) for rank in range(10)) / candidates
 
 
-def test_finetuning_improves_over_untrained_and_random(run):
-    out, records = run
+def check_improves_over_untrained_and_random(records: list[dict]) -> None:
     untrained = records[0]
     assert (untrained["stage"], untrained["epoch"]) == (0, 0)
     best = max(r["NDCG@10"] for r in records if r["stage"] > 0)
     assert best > untrained["NDCG@10"]
     assert best > 1.5 * random_ndcg10(SAMPLE_SIZE + 1)
-    test = json.loads((out / "test_metrics.json").read_text())
-    assert test["users"] > 0 and test["stage"] in (1, 2)
-    assert test["val_NDCG@10"] == pytest.approx(best)
+
+
+def test_finetuning_improves_over_untrained_and_random(two_stage_run):
+    out, records = two_stage_run
+    check_improves_over_untrained_and_random(records)
+    assert [(r["stage"], r["epoch"], r.get("steps")) for r in records] == [
+        (0, 0, None), (1, 1, 38), (1, 2, 76), (2, 1, 38), (2, 2, 76),
+    ]  # fmt: skip
     for stage in ("stage1", "stage2"):
         assert {"config.json", "model.safetensors", "tokenizer.json", "item_table.safetensors"} <= {
             p.name for p in (out / stage).iterdir()
         }
 
 
-def test_stage1_refreshes_the_table_and_stage2_keeps_it(run):
-    out, records = run
-    stage1 = [r["item_table"] for r in records if r["stage"] == 1]
+def test_stage1_refreshes_the_table_and_stage2_keeps_it(two_stage_run):
+    out, records = two_stage_run
+    stage1 = [r for r in records if r["stage"] == 1]
     stage2 = [r["item_table"] for r in records if r["stage"] == 2]
-    assert len(stage1) == 2 and len(set(stage1)) == 2
-    assert len(stage2) >= 1 and len(set(stage2)) == 1
+    assert len({r["item_table"] for r in stage1}) == 2
+    assert len(stage2) == 2 and len(set(stage2)) == 1
     table = load_file(str(out / "stage2" / "item_table.safetensors"))["item_embeddings"]
     assert finetune_recformer.table_fingerprint(table) == stage2[0]
+    # stage1/ holds the best stage-1 epoch with the table its validation used
+    best = max(stage1, key=lambda r: r["NDCG@10"])
+    table = load_file(str(out / "stage1" / "item_table.safetensors"))["item_embeddings"]
+    assert finetune_recformer.table_fingerprint(table) == best["item_table"]
 
 
-def test_export_of_stage1_equals_the_stage2_table(run, scientific_slice, tmp_path):
-    """Stage 2 trains against the table the best stage-1 encoder produces: export must write exactly those rows."""
-    out, _ = run
-    target = tmp_path / "plm.safetensors"
-    export_embeddings.main(
-        export_embeddings.Args(checkpoint=str(out / "stage1"), data=scientific_slice, out=target, device="cpu")
-    )
-    exported = load_file(str(target))["item_embeddings"]
-    table = load_file(str(out / "stage2" / "item_table.safetensors"))["item_embeddings"]
-    assert exported.shape == (load_dataset(scientific_slice, verbose=False).num_items + 1, 64)
-    torch.testing.assert_close(exported, table, atol=1e-6, rtol=0)
-    assert torch.count_nonzero(exported[0]) == 0
+def fresh_evaluation(stage_dir: Path, data_dir: Path, split: str) -> dict:
+    """`split` metrics of a stage directory, loaded afresh (weights and item table) into a new model."""
+    data = load_dataset(data_dir, verbose=False)
+    model, tokenizer = load_backbone(str(stage_dir), RecformerForSeqRec)
+    model.set_item_table(load_item_embeddings(stage_dir / "item_table.safetensors", data))
+    args = short_run_args(data_dir, None)
+    return finetune_recformer.evaluate_split(finetune_recformer.prepare(args, data, model, tokenizer), split)
 
 
-def test_training_examples_take_a_random_prefix(scientific_slice):
-    data = load_dataset(scientific_slice, verbose=False)
-    histories, labels = finetune_recformer.training_examples(data, 50, np.random.default_rng(0))
-    assert len(labels) == data.num_users
-    for history, label in zip(histories[:40], labels[:40]):
-        items = history[history > 0].tolist()
-        sequences = [data.sequence(r)[: data.train_len[r]].tolist() for r in range(data.num_users)]
-        assert any(seq[: len(items) + 1] == items + [label] for seq in sequences)
+def test_the_stage_with_the_better_validation_is_reloaded_and_tested(two_stage_run, synthetic_data):
+    out, records = two_stage_run
+    best = {stage: max(r["NDCG@10"] for r in records if r["stage"] == stage) for stage in (1, 2)}
+    chosen, other = (2, 1) if best[2] > best[1] else (1, 2)
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert test["stage"] == chosen and test["val_NDCG@10"] == best[chosen]
+    fresh = fresh_evaluation(out / f"stage{chosen}", synthetic_data, "test")
+    assert {name: test[name] for name in fresh} == fresh
+    assert fresh_evaluation(out / f"stage{other}", synthetic_data, "test") != fresh  # the stages are told apart
 
 
-def test_sequence_token_counts_are_build_batch_row_lengths(scientific_slice):
-    data = load_dataset(scientific_slice, verbose=False)
+def test_the_best_epoch_is_tested_when_later_ones_ran(synthetic_data, tmp_path, monkeypatch):
+    """Validation NDCG@10 scripted so that stage 1's first epoch is the best of the run: the model in memory at the
+    end (stage 2's last epoch) must not be the one tested, but stage1/ reloaded."""
+    scripted = iter([0.0, 0.9, 0.1, 0.5, 0.6])  # untrained, stage 1 epochs 1-2, stage 2 epochs 1-2
+    evaluate_split = finetune_recformer.evaluate_split
+
+    def scripted_validation(run, split):
+        metrics = evaluate_split(run, split)
+        return {**metrics, "NDCG@10": next(scripted)} if split == "val" else metrics
+
+    monkeypatch.setattr(finetune_recformer, "evaluate_split", scripted_validation)
+    out = tmp_path / "run"
+    finetune_recformer.main(short_run_args(synthetic_data, out, batch_size=32, tensorboard=False))
+    assert [r["NDCG@10"] for r in records_of(out)] == [0.0, 0.9, 0.1, 0.5, 0.6]
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert test["stage"] == 1 and test["val_NDCG@10"] == 0.9
+    monkeypatch.undo()
+    fresh = fresh_evaluation(out / "stage1", synthetic_data, "test")
+    assert {name: test[name] for name in fresh} == fresh
+    assert fresh_evaluation(out / "stage2", synthetic_data, "test") != fresh
+
+
+def test_a_validation_tie_tests_stage_1(synthetic_data, tmp_path):
+    """With learning rate 0 nothing changes, so both stages validate alike: stage 1 is tested."""
+    out = tmp_path / "run"
+    finetune_recformer.main(short_run_args(synthetic_data, out, epochs=1, lr=0.0, max_steps=1, tensorboard=False))
+    stage1, stage2 = (r["NDCG@10"] for r in records_of(out)[1:])
+    assert stage1 == stage2
+    assert json.loads((out / "test_metrics.json").read_text())["stage"] == 1
+
+
+def old_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The hand-written schedule fine-tuning used before transformers.get_linear_schedule_with_warmup."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+@pytest.mark.parametrize("warmup_steps, total_steps", [(0, 7), (3, 10), (10, 10), (12, 5), (0, 1), (1, 1)])
+def test_the_schedule_is_linear_warmup_then_decay(warmup_steps, total_steps):
+    args = finetune_recformer.Args(lr=0.5, warmup_steps=warmup_steps)
+    optimizer, schedule = finetune_recformer.optimizer_and_schedule(torch.nn.Linear(2, 2), args, total_steps)
+    for step in range(total_steps + 3):
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(0.5 * old_lr_factor(step, warmup_steps, total_steps), abs=1e-15)
+        optimizer.step()
+        schedule.step()
+
+
+def test_tensorboard_curves_are_the_runs_metrics(two_stage_run, read_scalars):
+    """x is the optimizer step within the stage; the untrained validation is step 0 of stage 1's curves."""
+    out, records = two_stage_run
+    scalars = read_scalars(out)
+    for stage in (1, 2):
+        epochs = [r for r in records if r["stage"] == stage]
+        start = [(0, records[0])] if stage == 1 else []
+        for name in metric_names():
+            expected = [(step, r[name]) for step, r in start + [(r["steps"], r) for r in epochs]]
+            assert scalars[f"stage{stage}/val/{name}"] == [(x, pytest.approx(y)) for x, y in expected]
+        assert [x for x, _ in scalars[f"stage{stage}/train/sequences_per_s"]] == [r["steps"] for r in epochs]
+        # one point per optimizer step (LOG_EVERY = 1): the step's mean loss and the rate it used
+        losses = scalars[f"stage{stage}/train/loss"]
+        assert [x for x, _ in losses] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+        examples = [8] * (STEPS_PER_EPOCH - 1) + [300 - 8 * (STEPS_PER_EPOCH - 1)]  # per step of an epoch
+        for epoch, r in enumerate(epochs):
+            step_losses = [y for _, y in losses[epoch * STEPS_PER_EPOCH :][:STEPS_PER_EPOCH]]
+            assert np.dot(step_losses, examples) / 300 == pytest.approx(r["train_loss"], rel=1e-6)
+        lrs = [(x, y) for x, y in scalars[f"stage{stage}/train/lr"]]
+        total = 2 * STEPS_PER_EPOCH
+        assert lrs == [(x, pytest.approx(LR * old_lr_factor(x - 1, WARMUP_STEPS, total))) for x in range(1, total + 1)]
+    test = json.loads((out / "test_metrics.json").read_text())
+    assert {tag: points for tag, points in scalars.items() if tag.startswith("test/")} == {
+        f"test/{name}": [(0, pytest.approx(test[name]))] for name in metric_names()
+    }
+    assert len(list((out / "tensorboard").iterdir())) == 1
+
+
+def test_training_examples_are_prefixes_of_their_own_users_training_part(tmp_path):
+    """Every user's items are distinct from the others', so a label names its user; the history must be the items
+    of that user's training part right before the label (at most max_items, left-padded), every position drawn."""
+    lengths = [3, 4, 5, 6, 8, 9]  # training parts of 1 to 7 items (the last two items are val and test)
+    write_dataset(tmp_path / "d", {f"u{u}": [f"u{u}-{i}" for i in range(n)] for u, n in enumerate(lengths)}, None)
+    data = load_dataset(tmp_path / "d", verbose=False)
+    owner = {int(item): row for row in range(data.num_users) for item in data.sequence(row)}
+    max_items = 4
+    drawn = set()
+    for seed in range(60):
+        histories, labels = finetune_recformer.training_examples(data, max_items, np.random.default_rng(seed))
+        assert sorted(owner[int(label)] for label in labels) == list(range(data.num_users))  # each user once
+        for history, label in zip(histories.tolist(), labels.tolist()):
+            row = owner[label]
+            training_part = data.sequence(row)[: data.train_len[row]].tolist()
+            position = training_part.index(label)
+            assert history == ([0] * max_items + training_part[:position])[-max_items:]
+            drawn.add((row, position))
+    assert drawn == {(row, p) for row in range(data.num_users) for p in range(data.train_len[row])}
+
+
+def test_sequence_token_counts_are_build_batch_row_lengths(synthetic_data):
+    data = load_dataset(synthetic_data, verbose=False)
     model, tokenizer = load_backbone("tiny", RecformerForSeqRec, data.item_text)
     tokens = dataset_item_tokens(tokenizer, data)
     histories, _ = finetune_recformer.training_examples(data, 50, np.random.default_rng(0))
@@ -154,85 +257,107 @@ def without_dropout(model: RecformerForSeqRec) -> None:
         layer.attention.self.dropout = 0.0
 
 
-def first_step_gradients(trainer: finetune_recformer.Trainer, seed: int) -> dict[str, torch.Tensor]:
+def first_step_gradients(run: finetune_recformer.Run, seed: int) -> dict[str, torch.Tensor]:
     """The gradients train_epoch applies in its first optimizer step (training examples drawn with `seed`); an SGD
     step with learning rate 0 leaves the weights as they were."""
-    trainer.rng = np.random.default_rng(seed)
-    optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
+    run.rng = np.random.default_rng(seed)
+    optimizer = torch.optim.SGD(run.model.parameters(), lr=0.0)
     gradients = {}
 
     def keep_gradients(*_):
-        gradients.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        gradients.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
 
     optimizer.register_step_pre_hook(keep_gradients)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer.train_epoch(optimizer, schedule, "test", max_steps=1)
+    finetune_recformer.train_epoch(
+        run, optimizer, schedule, stage=1, epoch=1, first_step=0, max_steps=1, scalars=Scalars(Path(), enabled=False)
+    )  # fmt: skip
     return gradients
 
 
-def test_a_step_averages_its_examples_however_they_are_grouped(scientific_slice):
+def test_a_step_averages_its_examples_however_they_are_grouped(synthetic_data):
     """One optimizer step's gradient is the gradient of the mean loss over its examples, as one call computes it."""
-    data = load_dataset(scientific_slice, verbose=False)
-    args = finetune_recformer.Args(data=scientific_slice, batch_size=4, grad_accum=3, device="cpu", seed=0)
+    data = load_dataset(synthetic_data, verbose=False)
+    args = finetune_recformer.Args(data=synthetic_data, batch_size=4, grad_accum=3, device="cpu", seed=0)
     torch.manual_seed(0)
     model, tokenizer = load_backbone("tiny", RecformerForSeqRec, data.item_text)
     without_dropout(model)
-    trainer = finetune_recformer.Trainer(args, data, model, tokenizer)
-    trainer.refresh_table()
+    run = finetune_recformer.prepare(args, data, model, tokenizer)
+    finetune_recformer.refresh_item_table(run)
     histories, labels = finetune_recformer.training_examples(data, 50, np.random.default_rng(0))
     step_rows = np.arange(12)
-    assert len(trainer.chunks(histories[step_rows])) > 1
-    gradients = first_step_gradients(trainer, seed=0)
+    assert len(finetune_recformer.length_groups(run, histories[step_rows])) > 1
+    gradients = first_step_gradients(run, seed=0)
     model.zero_grad()
     model.train()
-    loss = model.loss(trainer.encode(histories[step_rows]), torch.from_numpy(labels[step_rows]), 0)
+    loss = model.loss(model(**build_batch(run.tokens, histories[step_rows], model.config)),
+                      torch.from_numpy(labels[step_rows]), 0)  # fmt: skip
     loss.backward()
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             torch.testing.assert_close(gradients[name], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_max_steps_bounds_each_stage_and_nothing_is_encoded_twice(scientific_slice, tmp_path, monkeypatch):
+def test_max_steps_bounds_each_stage_and_nothing_is_encoded_twice(synthetic_data, tmp_path, monkeypatch):
     encodes = []
     original = finetune_recformer.encode_items
     monkeypatch.setattr(finetune_recformer, "encode_items", lambda *a, **k: encodes.append(1) or original(*a, **k))
     out = tmp_path / "run"
-    args = finetune_recformer.Args(
-        data=scientific_slice, backbone="tiny", out=out, epochs=3, patience=3, batch_size=4, grad_accum=2,
-        warmup_steps=1, sample_size=SAMPLE_SIZE, device="cpu", seed=0, max_steps=2,
-    )  # fmt: skip
-    finetune_recformer.main(args)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    finetune_recformer.main(short_run_args(synthetic_data, out, epochs=3, patience=3, grad_accum=2, max_steps=2))
+    records = records_of(out)
     assert [(r["stage"], r["epoch"], r.get("steps")) for r in records] == [(0, 0, None), (1, 1, 2), (2, 1, 2)]
     # untrained evaluation (its table serves epoch 1 of stage 1 too), then the best stage-1 model's table
     assert len(encodes) == 2
     assert (out / "stage1" / "model.safetensors").exists() and (out / "test_metrics.json").exists()
     with pytest.raises(FlagError, match="--max-steps"):
-        finetune_recformer.Args(data=scientific_slice, out=tmp_path / "bad", max_steps=0)
+        finetune_recformer.Args(data=synthetic_data, out=tmp_path / "bad", max_steps=0)
 
 
-def test_stages_1_runs_and_tests_stage_1_only(scientific_slice, tmp_path):
+def test_stages_1_runs_and_tests_stage_1_only(synthetic_data, tmp_path, read_scalars):
+    """Also the default TensorBoard interval: a training point every 10 optimizer steps of the stage."""
     out = tmp_path / "run"
-    args = finetune_recformer.Args(
-        data=scientific_slice, backbone="tiny", out=out, epochs=1, batch_size=4, grad_accum=2, warmup_steps=1,
-        sample_size=SAMPLE_SIZE, device="cpu", seed=0, max_steps=1, stages=1,
-    )  # fmt: skip
-    finetune_recformer.main(args)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    finetune_recformer.main(short_run_args(synthetic_data, out, epochs=1, max_steps=25, stages=1))
+    records = records_of(out)
     assert [(r["stage"], r["epoch"]) for r in records] == [(0, 0), (1, 1)]
     assert (out / "stage1" / "model.safetensors").exists() and not (out / "stage2").exists()
     test = json.loads((out / "test_metrics.json").read_text())
     assert test["stage"] == 1 and test["val_NDCG@10"] == records[1]["NDCG@10"]
+    scalars = read_scalars(out)
+    assert [x for x, _ in scalars["stage1/train/loss"]] == [x for x, _ in scalars["stage1/train/lr"]] == [10, 20]
+    assert not any(tag.startswith("stage2/") for tag in scalars)
 
 
-def test_a_seed_fixes_a_bounded_run(scientific_slice, tmp_path):
-    def metrics(out):
-        args = finetune_recformer.Args(
-            data=scientific_slice, backbone="tiny", out=out, epochs=1, batch_size=4, grad_accum=2, warmup_steps=1,
-            sample_size=SAMPLE_SIZE, device="cpu", seed=5, max_steps=2,
-        )  # fmt: skip
+def test_a_seed_fixes_a_bounded_run_and_no_tensorboard_writes_none(synthetic_data, tmp_path):
+    def metrics(out, tensorboard):
+        args = short_run_args(synthetic_data, out, epochs=1, grad_accum=2, seed=5, max_steps=2, tensorboard=tensorboard)
         finetune_recformer.main(args)
-        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in lines]
+        return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records_of(out)]
 
-    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert metrics(tmp_path / "a", True) == metrics(tmp_path / "b", False)
+    assert (tmp_path / "a" / "tensorboard").is_dir() and not (tmp_path / "b" / "tensorboard").exists()
+
+
+USERS = 60
+POPULAR_ITEMS = 150
+
+
+@pytest.fixture(scope="module")
+def scientific_slice(shared_data, tmp_path_factory):
+    """LC-Rec Scientific cut to its POPULAR_ITEMS most popular items and the first USERS users left with at least 4
+    of them: a slice small enough for a CPU test yet dense enough that two short epochs learn something."""
+    folder = shared_data / "scientific"
+    sequences, meta = build_lcrec(Lcrec(folder / "Scientific.inter.json", folder / "Scientific.item.json", out=None))
+    popular = {item for item, _ in Counter(i for s in sequences.values() for i in s).most_common(POPULAR_ITEMS)}
+    kept = ([item for item in sequence if item in popular] for sequence in sequences.values())
+    long_enough = itertools.islice((sequence for sequence in kept if len(sequence) >= 4), USERS)
+    users = {str(user): sequence for user, sequence in enumerate(long_enough)}
+    used = {item for sequence in users.values() for item in sequence}
+    out = tmp_path_factory.mktemp("scientific") / "scientific_slice"
+    write_dataset(out, users, {key: text for key, text in meta.items() if key in used})
+    return out
+
+
+def test_finetuning_on_real_item_text_improves_over_untrained_and_random(scientific_slice, tmp_path):
+    out = tmp_path / "run"
+    finetune_recformer.main(short_run_args(scientific_slice, out, batch_size=4, tensorboard=False))
+    check_improves_over_untrained_and_random(records_of(out))
