@@ -598,7 +598,9 @@ def check_same_run(args: Args) -> None:
     differing = sorted(name for name in current if name not in RESUME_MAY_CHANGE and saved.get(name) != current[name])
     if differing:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in differing)
-        raise InputError(f"{saved_file}: --resume with other settings than the run's ({flags}); resume as it was started")
+        raise InputError(
+            f"{saved_file}: --resume with other settings than the run's ({flags}); resume as it was started"
+        )
 
 
 def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:

@@ -278,7 +278,8 @@ def results_markdown(summary: list[dict], records: list[dict], args: Args, width
         f"# Results on {args.data}",
         "",
         f"Backbone {args.backbone}; width {width}; seeds {' '.join(map(str, args.seeds))}; at most {args.epochs} "
-        f"epochs (BERT4Rec {args.bert4rec_epochs or args.epochs}), patience {args.patience}; lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}; "
+        f"epochs (BERT4Rec {args.bert4rec_epochs or args.epochs}), patience {args.patience}; "
+        f"lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}; "
         f"{len(records)} runs, {hours:.2f} h of training epochs in all (validation and test not counted). "
         "Test metrics: mean ± std over seeds; the change is that of mean test NDCG@10 against random init.",
     ]

@@ -60,7 +60,7 @@ def scientific(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def read_scalars():
-    """read_scalars(run_dir) -> {tag: [(step, value), ...]} from the TensorBoard event files under run_dir/tensorboard."""
+    """read_scalars(run_dir) -> {tag: [(step, value), ...]}: the TensorBoard event files under run_dir/tensorboard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     def read(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
