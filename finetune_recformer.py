@@ -78,7 +78,7 @@ from common.embeddings import EmbeddingFileError, load_item_embeddings, save_ite
 from common.evaluation import (
     check_sample_size,
     evaluate,
-    metric_names,
+    metric_scalars,
     require_users,
     result_line,
     sample_negatives,
@@ -198,13 +198,25 @@ class Run:
     dtype: torch.dtype | None  # autocast dtype; None: float32
     rank: int
     world: int
-    max_items: int  # items in a history: the model's item positions but the first token's
-    token_budget: int  # tokens of one encoder call at most: batch_size x max_token_num
-    examples_per_step: int  # batch_size x grad_accum x world
     rng: np.random.Generator  # training positions and user order
     scaler: torch.amp.GradScaler  # loss scaling, enabled for float16 only
     weights_version: int = 0
     table_version: int | None = None
+
+    @property
+    def max_items(self) -> int:
+        """Items in a history: the model's item positions but the first token's."""
+        return self.model.config.max_item_embeddings - 1
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens of one encoder call at most: batch_size x max_token_num."""
+        return self.args.batch_size * self.model.config.max_token_num
+
+    @property
+    def examples_per_step(self) -> int:
+        """Examples of one optimizer step over all processes: batch_size x grad_accum x world."""
+        return self.args.batch_size * self.args.grad_accum * self.world
 
 
 def prepare(
@@ -217,9 +229,7 @@ def prepare(
     dtype = precision(args.dtype, device)
     run = Run(
         args=args, data=data, model=model, tokenizer=tokenizer, tokens=dataset_item_tokens(tokenizer, data),
-        device=device, dtype=dtype, rank=rank, world=world, max_items=model.config.max_item_embeddings - 1,
-        token_budget=args.batch_size * model.config.max_token_num,
-        examples_per_step=args.batch_size * args.grad_accum * world, rng=np.random.default_rng(args.seed),
+        device=device, dtype=dtype, rank=rank, world=world, rng=np.random.default_rng(args.seed),
         scaler=torch.amp.GradScaler(enabled=dtype == torch.float16),
     )  # fmt: skip
     model.to(device)
@@ -238,7 +248,7 @@ def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int)
 
 def stage_steps(run: Run) -> int:
     """Optimizer steps of a stage that runs every epoch: the size of its learning-rate schedule."""
-    examples = len(np.flatnonzero(run.data.train_len > 0))
+    examples = int((run.data.train_len > 0).sum())
     total = -(-examples // run.examples_per_step) * run.args.epochs
     return total if run.args.max_steps is None else min(total, run.args.max_steps)
 
@@ -373,11 +383,6 @@ def evaluate_split(run: Run, split: str) -> dict[str, float]:
         scorer, run.data, split, max_len=run.max_items, sample_size=run.args.sample_size, device=run.device,
         batch_size=run.args.eval_batch_size, sharded=run.world > 1,
     )  # fmt: skip
-
-
-def metric_scalars(prefix: str, metrics: dict) -> dict[str, float]:
-    """{"<prefix>/HR@1": ..., ..., "<prefix>/MRR": ...} of an evaluate() dict."""
-    return {f"{prefix}/{name}": metrics[name] for name in metric_names()}
 
 
 def save_stage(run: Run, directory: Path) -> None:

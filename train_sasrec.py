@@ -37,7 +37,7 @@ from torch import nn
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
-from common.evaluation import Scorer, check_sample_size, evaluate, metric_names, require_users, result_line
+from common.evaluation import Scorer, check_sample_size, evaluate, metric_scalars, require_users, result_line
 from common.run import (
     EarlyStopping,
     OutputError,
@@ -399,7 +399,7 @@ def main(args: Args) -> dict[str, float]:
         record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": seconds, **val}
         append_jsonl(run_dir / "metrics.jsonl", record)
         scalars.add(epoch, **{"train/sequences_per_s": len(users) / seconds})
-        scalars.add(epoch, **{f"val/{name}": val[name] for name in metric_names()})
+        scalars.add(epoch, **metric_scalars("val", val))
         print(f"epoch {epoch}: loss {train_loss:.4f}, val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}, "
               f"HR@10 {val['HR@10']:.4f}")
         if stopper.update(val[BEST_METRIC]):
@@ -413,7 +413,7 @@ def main(args: Args) -> dict[str, float]:
     test = evaluate_split(model, compiled_model, data, "test", args, device)
     record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best}
     write_json_atomic(run_dir / "test_metrics.json", record)
-    scalars.add(best_epoch, **{f"test/{name}": test[name] for name in metric_names()})
+    scalars.add(best_epoch, **metric_scalars("test", test))
     scalars.close()
     print(result_line("test", test))
     return test

@@ -27,6 +27,11 @@ def metric_names() -> list[str]:
     return [f"HR@{k}" for k in KS] + [f"NDCG@{k}" for k in KS] + ["MRR"]
 
 
+def metric_scalars(prefix: str, metrics: dict) -> dict[str, float]:
+    """{"<prefix>/HR@1": ..., ..., "<prefix>/MRR": ...}: an evaluate() dict as TensorBoard tags (common.run.Scalars)."""
+    return {f"{prefix}/{name}": metrics[name] for name in metric_names()}
+
+
 def protocol(sample_size: int) -> str:
     """The evaluation protocol as results name it: "sampled-100" (100 negatives per user) or "full ranking"."""
     return f"sampled-{sample_size}" if sample_size > 0 else "full ranking"
