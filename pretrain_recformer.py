@@ -148,7 +148,7 @@ def read_sequences(path: Path, item_id: dict[str, int]) -> Sequences:
         if not isinstance(sequence, list) or len(sequence) < 2:
             raise DatasetError(f"{path}: sequence {number} is not a list of at least 2 item keys")
     try:
-        return Sequences.from_lists([[item_id[key] for key in sequence] for sequence in raw])
+        return Sequences.from_lengths(map(len, raw), (item_id[key] for sequence in raw for key in sequence))
     except (KeyError, TypeError) as error:
         raise DatasetError(f"{path}: item {error} has no entry in meta_data.json") from None
 

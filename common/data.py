@@ -22,7 +22,7 @@ import functools
 import hashlib
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +52,18 @@ class Sequences:
     """(total,) int64 item ids of every sequence, one sequence after the other."""
 
     @staticmethod
+    def from_lengths(lengths: Iterable[int], items: Iterable[int]) -> Sequences:
+        """The sequences of these lengths, whose items come one sequence after the other in `items`. Both may be
+        generators, so no Python list per sequence is built (a corpus of millions of sequences stays two arrays)."""
+        lengths = np.fromiter(lengths, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return Sequences(offsets, np.fromiter(items, dtype=np.int64, count=int(offsets[-1])))
+
+    @staticmethod
     def from_lists(lists: Sequence[Sequence[int]]) -> Sequences:
         """The sequences `lists` (item ids, oldest first) in CSR form."""
-        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        items = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(offsets[-1]))
-        return Sequences(offsets, items)
+        return Sequences.from_lengths(map(len, lists), itertools.chain.from_iterable(lists))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -295,7 +300,10 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
         if user not in val:
             raise DatasetError(f"{path / 'test.json'}: user {user} has a test target but no validation target")
 
-    sequences = Sequences.from_lists([train[u] + val.get(u, []) + test.get(u, []) for u in user_ids])
+    sequences = Sequences.from_lengths(
+        (len(train[u]) + (u in val) + (u in test) for u in user_ids),
+        (item for u in user_ids for item in (*train[u], *val.get(u, ()), *test.get(u, ()))),
+    )
     sequences.items += shift
     item_text = _load_item_text(path, item_keys)
     return SeqDataset(

@@ -369,3 +369,14 @@ def test_resume_refuses_settings_that_make_another_run(tmp_path):
         P.main(dataclasses.replace(started, resume=True, max_steps=0, lr=1.0, seed=7))
     with pytest.raises(P.InputError, match="no intact checkpoint"):  # bounds and logs may change: the check passes
         P.main(dataclasses.replace(started, resume=True, max_steps=0, save_every=3, tensorboard=False))
+
+
+@pytest.mark.parametrize(("sequence", "problem"), [(["a", "zz"], "item 'zz' has no entry in meta_data.json"),
+                                                   (["a"], "sequence 1 is not a list of at least 2 item keys")])
+def test_a_bad_corpus_sequence_is_a_one_line_error(tmp_path, sequence, problem):
+    (tmp_path / "meta_data.json").write_text(json.dumps({"a": {"title": "a"}, "b": {"title": "b"}}))
+    (tmp_path / "train.json").write_text(json.dumps([["a", "b"], sequence]))
+    (tmp_path / "dev.json").write_text(json.dumps([["b", "a"]]))
+    with pytest.raises(DatasetError) as error:
+        P.load_corpus(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'train.json'}: {problem}"
