@@ -91,11 +91,13 @@ from common.run import (
     append_jsonl,
     autocast,
     check_run_dir,
+    check_same_run,
     create_run_dir,
     parameter_groups,
     precision,
     progress,
     resolve_device,
+    save_atomic,
     seed_everything,
     to_device,
     write_json_atomic,
@@ -112,6 +114,9 @@ from common.tokenization_recformer import (
 
 BEST_METRIC = "NDCG@10"
 TABLE_FILE = "item_table.safetensors"
+RESUME_FILE = "resume.pt"
+RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "tensorboard", "test_sample_sizes"}
+"""Flags a resumed run may change: where it writes, what it logs and which protocols it tests under."""
 CALL_TOKENS = 64
 """Padded tokens worth one more encoder call when a batch is cut by token length: on Scientific, examples of one
 optimizer step (16 x 8) then run in about 15 calls instead of 8 with 5% padding instead of 76% (on one CPU thread a
@@ -175,6 +180,15 @@ class Args(Checked):
     usual. None: no limit."""
     stages: Literal[1, 2] = 2
     """Stages to run: 2 = the paper's two stages; 1 = stage 1 only (all that export of <out>/stage1 needs)."""
+    val_users: Annotated[int | None, Positive] = None
+    """Validate (pick the best epoch and stage) on this many validation users, a fixed subset drawn with --seed;
+    None: every user. A deviation that makes CPU fine-tuning affordable; the test always scores every user."""
+    test_sample_sizes: tuple[int, ...] = ()
+    """More protocols to test the chosen model under, besides --sample-size (e.g. -1 for full ranking); each is in
+    test_metrics.json's "by_protocol"."""
+    resume: bool = False
+    """Continue the killed run in --out from its last finished epoch, exactly as if it had not stopped (every
+    epoch leaves <out>/resume/ behind; the settings must be the run's own)."""
     tensorboard: bool = True
     """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)."""
 
@@ -199,6 +213,7 @@ class Run:
     rank: int
     world: int
     rng: np.random.Generator  # training positions and user order
+    val_users: np.ndarray | None  # dataset rows validation scores (--val-users), None: all
     scaler: torch.amp.GradScaler  # loss scaling, enabled for float16 only
     weights_version: int = 0
     table_version: int | None = None
@@ -230,6 +245,7 @@ def prepare(
     run = Run(
         args=args, data=data, model=model, tokenizer=tokenizer, tokens=dataset_item_tokens(tokenizer, data),
         device=device, dtype=dtype, rank=rank, world=world, rng=np.random.default_rng(args.seed),
+        val_users=validation_subset(data, args.val_users, args.seed),
         scaler=torch.amp.GradScaler(enabled=dtype == torch.float16),
     )  # fmt: skip
     model.to(device)
@@ -238,6 +254,15 @@ def prepare(
             dist.broadcast(tensor, src=0)
         torch.manual_seed(args.seed + rank)  # dropout differs between the processes, as between examples
     return run
+
+
+def validation_subset(data: SeqDataset, size: int | None, seed: int) -> np.ndarray | None:
+    """Sorted dataset rows of `size` validation users drawn with `seed` (a generator of its own, so the training
+    draws are those of a run on every user), or None for all users (also when `size` covers them all)."""
+    rows = np.flatnonzero(data.has_val)
+    if size is None or size >= len(rows):
+        return None
+    return np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
 
 
 def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int):
@@ -372,16 +397,18 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate_split(run: Run, split: str) -> dict[str, float]:
-    """Metrics of `split` ("val" or "test") against the model's current item table (common/evaluation.py)."""
+def evaluate_split(run: Run, split: str, sample_size: int | None = None) -> dict[str, float]:
+    """Metrics of `split` ("val": the --val-users subset; "test": every user) against the model's current item
+    table (common/evaluation.py), under --sample-size or the `sample_size` given."""
     run.model.eval()
 
     def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         return run.model.scores(sequence_vectors(run, histories.cpu().numpy()), candidates)
 
     return evaluate(
-        scorer, run.data, split, max_len=run.max_items, sample_size=run.args.sample_size, device=run.device,
-        batch_size=run.args.eval_batch_size, sharded=run.world > 1,
+        scorer, run.data, split, max_len=run.max_items,
+        sample_size=run.args.sample_size if sample_size is None else sample_size, device=run.device,
+        batch_size=run.args.eval_batch_size, sharded=run.world > 1, users=run.val_users if split == "val" else None,
     )  # fmt: skip
 
 
@@ -412,20 +439,100 @@ def log_record(run: Run, run_dir: Path, record: dict) -> None:
         append_jsonl(run_dir / "metrics.jsonl", record)
 
 
-def fill_caches(data: SeqDataset, tokenizer: RecformerTokenizer, sample_size: int) -> None:
+def save_resume_point(
+    run: Run, run_dir: Path, point: dict, optimizer, schedule, stopper: EarlyStopping, best: dict[int, float]
+) -> None:
+    """<out>/resume.pt after every epoch: all that the next epoch depends on, so --resume goes on exactly as the
+    uninterrupted run would. `point` is {"stage", "epoch", "steps", "finished"} (finished: the stage is over).
+    Beside the weights, item table, optimizer, schedule and loss scaler: the numpy generator (training positions)
+    and every process's torch generators (dropout), the early-stopping state, and how many metrics.jsonl lines
+    the run had written, since a kill after a line but before this file leaves one too many."""
+    generators = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        generators["cuda"] = torch.cuda.get_rng_state(run.device)
+    every_rank = [generators]
+    if run.world > 1:
+        every_rank = [None] * run.world
+        dist.all_gather_object(every_rank, generators)
+    if run.rank != 0:
+        return
+    state = {
+        **point, "best": {str(stage): value for stage, value in best.items()},
+        "stopper": [stopper.best, stopper.bad_evaluations],
+        "metrics_lines": len((run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()),
+        "numpy_rng": run.rng.bit_generator.state, "torch_rng": every_rank,
+        "model": run.model.state_dict(), "item_table": run.model.item_table.cpu(),
+        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": run.scaler.state_dict(),
+    }  # fmt: skip
+    save_atomic(run_dir / RESUME_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def read_resume_point(run: Run, run_dir: Path) -> dict | None:
+    """The state save_resume_point left in `run_dir`, with metrics.jsonl cut back to the lines it knows; None when
+    no epoch had finished (the run then starts over)."""
+    path = run_dir / RESUME_FILE
+    if run.world > 1:
+        dist.barrier()  # rank 0 has finished preparing the run directory
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if len(state["torch_rng"]) != run.world:
+        raise SystemExit(f"error: {path}: saved by {len(state['torch_rng'])} process(es), resumed on {run.world}")
+    metrics = run_dir / "metrics.jsonl"
+    if run.rank == 0:
+        lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)[: state["metrics_lines"]]
+        save_atomic(metrics, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
+    print(f"resuming {run_dir} after stage {state['stage']} epoch {state['epoch']} ({state['steps']} steps)")
+    return state
+
+
+def restore_resume_point(run: Run, state: dict, optimizer, schedule, stopper: EarlyStopping) -> None:
+    """Put the run back where save_resume_point left it (the item table is re-encoded where stage 1 would)."""
+    run.model.load_state_dict(state["model"])
+    run.model.set_item_table(state["item_table"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    run.scaler.load_state_dict(state["scaler"])
+    stopper.best, stopper.bad_evaluations = state["stopper"]
+    run.rng.bit_generator.state = state["numpy_rng"]
+    generators = state["torch_rng"][run.rank]
+    torch.set_rng_state(generators["cpu"])
+    if "cuda" in generators:
+        torch.cuda.set_rng_state(generators["cuda"], run.device)
+    run.weights_version += 1
+    run.table_version = None
+
+
+def fill_caches(data: SeqDataset, tokenizer: RecformerTokenizer, sample_sizes: tuple[int, ...]) -> None:
     """Write the dataset's token and negatives caches (on rank 0, before the other processes read them)."""
     dataset_item_tokens(tokenizer, data)
-    if sample_size > 0:
-        sample_negatives(data, sample_size)
+    for sample_size in sample_sizes:
+        if sample_size > 0:
+            sample_negatives(data, sample_size)
+
+
+def check_resume(args: Args) -> None:
+    """--resume needs the --out of an unfinished run made with these settings."""
+    if args.overwrite:
+        raise OutputError("--resume and --overwrite exclude each other")
+    if args.out is None or not (args.out / "config.json").is_file():
+        raise OutputError(f"{args.out}: --resume needs --out, the directory of a fine-tuning run")
+    if (args.out / "test_metrics.json").exists():
+        raise OutputError(f"{args.out}: the run has finished (test_metrics.json); nothing to resume")
+    check_same_run(args.out, args, RESUME_MAY_CHANGE)
 
 
 def start(args: Args) -> Run:
     """Flags, data, process group (when launched on many processes), model: a one-line error for bad input."""
     try:
-        check_run_dir(args.out, args.overwrite, args)
+        if args.resume:
+            check_resume(args)
+        else:
+            check_run_dir(args.out, args.overwrite, args)
         data = load_dataset(args.data)
         require_users(data, "val", "test")
-        check_sample_size(data, args.sample_size)
+        for sample_size in (args.sample_size, *args.test_sample_sizes):
+            check_sample_size(data, sample_size)
         if launched_processes() > 1:
             rank, world, device = init_distributed(args.device)
         else:
@@ -434,7 +541,7 @@ def start(args: Args) -> Run:
         model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))
         set_attention(model, args.attention)
         if world > 1:
-            rank0_first(lambda: fill_caches(data, tokenizer, args.sample_size))
+            rank0_first(lambda: fill_caches(data, tokenizer, (args.sample_size, *args.test_sample_sizes)))
         return prepare(args, data, model, tokenizer, device, rank, world)
     except (DatasetError, BackboneError, EmbeddingFileError, OutputError, LaunchError) as error:
         raise SystemExit(f"error: {error}") from None
@@ -445,34 +552,46 @@ def main(args: Args) -> Run:
 
     TensorBoard x axis: optimizer steps within the stage. The untrained validation is step 0 of "stage1/val/*"
     (also with --epochs 0); "stage<k>/val/*" and "stage<k>/train/sequences_per_s" follow at the end of each epoch,
-    "stage<k>/train/loss" and "stage<k>/train/lr" every LOG_EVERY steps; "test/*" is at step 0.
+    "stage<k>/train/loss" and "stage<k>/train/lr" every LOG_EVERY steps; "test/*" is at step 0. A resumed run adds
+    to the same event files.
     """
     seed_everything(args.seed)
     run = start(args)
     if args.fix_word_embedding:
         run.model.longformer.embeddings.word_embeddings.weight.requires_grad_(False)
+    # --resume of a run killed before its first epoch ended starts it over.
+    restart = args.resume and not (args.out / RESUME_FILE).exists()
     run_dir = from_rank0(
-        lambda: create_run_dir(args.out, "finetune", args.data, args.tag, args, overwrite=args.overwrite)
-    )
+        lambda: create_run_dir(args.out, "finetune", args.data, args.tag, args, overwrite=args.overwrite or restart,
+                               resume=args.resume and not restart)
+    )  # fmt: skip
     print(f"run directory: {run_dir}")
+    resumed = read_resume_point(run, run_dir) if args.resume else None
     scalars = Scalars(run_dir, args.tensorboard and run.rank == 0)
 
-    refresh_item_table(run)
-    untrained = evaluate_split(run, "val")
-    log_record(run, run_dir, {"stage": 0, "epoch": 0, **untrained})
-    scalars.add(0, **metric_scalars("stage1/val", untrained))
-    print(f"untrained: val ({untrained['protocol']}) {BEST_METRIC} {untrained[BEST_METRIC]:.4f}")
+    if resumed is None:
+        refresh_item_table(run)
+        untrained = evaluate_split(run, "val")
+        log_record(run, run_dir, {"stage": 0, "epoch": 0, **untrained})
+        scalars.add(0, **metric_scalars("stage1/val", untrained))
+        print(f"untrained: val ({untrained['protocol']}) {BEST_METRIC} {untrained[BEST_METRIC]:.4f}")
 
-    best = {}  # stage -> its best validation NDCG@10
+    best = {} if resumed is None else {int(stage): value for stage, value in resumed["best"].items()}
     for stage in (1, 2)[: args.stages] if args.epochs > 0 else ():  # --epochs 0: zero-shot, nothing trained
-        if stage == 2:  # the best stage-1 model encodes the table that stage 2 keeps
-            load_stage(run, run_dir / "stage1")
-            refresh_item_table(run)
+        if resumed is not None and (stage < resumed["stage"] or stage == resumed["stage"] and resumed["finished"]):
+            continue  # finished before the interruption
         total_steps = stage_steps(run)
         optimizer, schedule = optimizer_and_schedule(run.model, args, total_steps)
         stopper = EarlyStopping(args.patience)
-        done = 0
-        for epoch in range(1, args.epochs + 1):
+        if resumed is not None and stage == resumed["stage"]:
+            restore_resume_point(run, resumed, optimizer, schedule, stopper)
+            first_epoch, done = resumed["epoch"] + 1, resumed["steps"]
+        else:
+            if stage == 2:  # the best stage-1 model encodes the table that stage 2 keeps
+                load_stage(run, run_dir / "stage1")
+                refresh_item_table(run)
+            first_epoch, done = 1, 0
+        for epoch in range(first_epoch, args.epochs + 1):
             began = time.time()
             if stage == 1:  # stage 1 trains against the table of the current encoder
                 refresh_item_table(run)
@@ -497,21 +616,32 @@ def main(args: Args) -> Run:
                   f"val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}")  # fmt: skip
             if stopper.update(val[BEST_METRIC]):
                 save_stage(run, run_dir / f"stage{stage}")
-            if stopper.should_stop or done >= total_steps:
+            best[stage] = stopper.best
+            finished = stopper.should_stop or done >= total_steps or epoch == args.epochs
+            point = {"stage": stage, "epoch": epoch, "steps": done, "finished": finished}
+            save_resume_point(run, run_dir, point, optimizer, schedule, stopper, best)
+            if finished:
                 break
-        best[stage] = stopper.best
 
     if best:
         stage = max(best, key=best.get)  # on a tie, stage 1
         load_stage(run, run_dir / f"stage{stage}")
+        chosen = best[stage]
     else:  # zero-shot: the checkpoint as given
-        stage, best = 0, {0: untrained[BEST_METRIC]}
-    test = evaluate_split(run, "test")
+        stage, chosen = 0, untrained[BEST_METRIC]
+    by_protocol = {}
+    for sample_size in dict.fromkeys((args.sample_size, *args.test_sample_sizes)):
+        began = time.time()
+        metrics = evaluate_split(run, "test", sample_size)
+        by_protocol[metrics["protocol"]] = {**metrics, "test_seconds": time.time() - began}
+        print(result_line(f"test, stage {stage} model" if stage else "test, zero-shot", metrics))
+    test = next(iter(by_protocol.values()))  # --sample-size's
     if run.rank == 0:
-        write_json_atomic(run_dir / "test_metrics.json", {**test, "stage": stage, f"val_{BEST_METRIC}": best[stage]})
+        record = {**test, "stage": stage, f"val_{BEST_METRIC}": chosen, "by_protocol": by_protocol}
+        write_json_atomic(run_dir / "test_metrics.json", record)
+        (run_dir / RESUME_FILE).unlink(missing_ok=True)  # the run is over; its stage checkpoints stay
     scalars.add(0, **metric_scalars("test", test))
     scalars.close()
-    print(result_line(f"test, stage {stage} model" if stage else "test, zero-shot", test))
     return run
 
 

@@ -19,12 +19,11 @@ A run is deterministic for a given seed and number of processes: data order, pai
 seeds derived from (seed, epoch or step, rank), so --resume reproduces the uninterrupted run.
 """
 
-import json
 import resource
 import shutil
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -56,6 +55,7 @@ from common.run import (
     Scalars,
     append_jsonl,
     check_run_dir,
+    check_same_run,
     create_run_dir,
     parameter_groups,
     precision,
@@ -587,22 +587,6 @@ RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "max_steps", "eval_every", "s
                      "log_every", "attention", "tensorboard"}  # fmt: skip
 
 
-def check_same_run(args: Args) -> None:
-    """--resume continues the run recorded in <out>/config.json: refuse flags that would make it another run."""
-    saved_file = args.out / "config.json"
-    try:
-        saved = json.loads(saved_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{saved_file}: cannot read the run's configuration ({type(error).__name__})") from None
-    current = {name: str(value) if isinstance(value, Path) else value for name, value in asdict(args).items()}
-    differing = sorted(name for name in current if name not in RESUME_MAY_CHANGE and saved.get(name) != current[name])
-    if differing:
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in differing)
-        raise InputError(
-            f"{saved_file}: --resume with other settings than the run's ({flags}); resume as it was started"
-        )
-
-
 def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     """Set up, train; returns the run directory and the engine (tests read each rank's weights from it)."""
     if args.dtype == "float16" and not torch.cuda.is_available():
@@ -612,7 +596,7 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     if args.resume and (args.out is None or not (args.out / "deepspeed").is_dir()):
         raise InputError(f"{args.out}: --resume needs --out, a run directory holding deepspeed/")
     if args.resume:
-        check_same_run(args)
+        check_same_run(args.out, args, RESUME_MAY_CHANGE)
     resume_tag = resume_step(args.out / "deepspeed") if args.resume else None
     if not args.resume:
         check_run_dir(args.out, args.overwrite, args)

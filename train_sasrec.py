@@ -410,8 +410,10 @@ def main(args: Args) -> dict[str, float]:
             break
 
     model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
+    began = time.perf_counter()
     test = evaluate_split(model, compiled_model, data, "test", args, device)
-    record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best}
+    record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best,
+              "test_seconds": time.perf_counter() - began}  # fmt: skip
     write_json_atomic(run_dir / "test_metrics.json", record)
     scalars.add(best_epoch, **metric_scalars("test", test))
     scalars.close()

@@ -174,6 +174,7 @@ def evaluate(
     exclude_history: bool = False,
     seed: int = NEGATIVE_SEED,
     sharded: bool = False,
+    users: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean HR@k, NDCG@k (k in KS) and MRR over the users of `split`, plus "users" (how many were scored) and
     "protocol" (see `protocol`).
@@ -183,9 +184,13 @@ def evaluate(
     sharded: every process of the default process group scores every world-th batch of users; the integer ranks
     are summed over the processes (each user's from the one that scored it), then the metrics are summed batch by
     batch as one process sums them, so every process returns exactly the one-process result.
+    users: dataset rows to score, a subset of the split's users (default all of them); each keeps its own negatives.
     """
     require_users(data, split)
     rows, histories, targets = data.eval_split(split, max_len)
+    if users is not None:
+        kept = np.isin(rows, users)
+        rows, histories, targets = rows[kept], histories[kept], targets[kept]
     history_ends = data.train_len[rows] + (split == "test")
     sampled = sample_size > 0
     negatives = sample_negatives(data, sample_size, seed)[rows] if sampled else None

@@ -277,6 +277,21 @@ def create_run_dir(
     return out
 
 
+def check_same_run(out: Path, config, may_change: set[str]) -> None:
+    """--resume continues the run recorded in <out>/config.json: OutputError when `config` differs from it in a
+    field outside `may_change` (flags that bound, log or save a run without changing what each step computes)."""
+    saved_file = Path(out) / "config.json"
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise OutputError(f"{saved_file}: cannot read the run's configuration ({type(error).__name__})") from None
+    current = _jsonable(config)
+    differing = sorted(name for name in current if name not in may_change and saved.get(name) != current[name])
+    if differing:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in differing)
+        raise OutputError(f"{saved_file}: --resume with other settings than the run's ({flags}); resume as it was started")
+
+
 class EarlyStopping:
     """Tracks the best validation value (higher is better) and says when `patience` evaluations brought nothing."""
 

@@ -202,3 +202,24 @@ def test_negatives_are_uniform(small_data):
 def test_too_few_unseen_items_is_an_error(small_data):
     with pytest.raises(ValueError, match="never interacted"):
         sample_negatives(small_data, small_data.num_items)
+
+
+@pytest.mark.parametrize("sample_size", [0, 20])
+def test_a_user_subset_scores_those_users_only(small_data, sample_size):
+    """users=rows: the reference over those users alone, each against its own negatives."""
+    data = small_data
+    rows, _, targets = data.eval_split("val", 60)
+    subset = rows[::3]
+    scores, _ = planted_tie_scores(data, "val", seed=5)
+    kept = np.isin(rows, subset)
+    ok = np.ones((len(rows), data.num_items + 1), dtype=bool)
+    if sample_size:
+        ok[:] = False
+        ok[np.arange(len(rows))[:, None], sample_negatives(data, sample_size)[rows]] = True
+    ok[:, 0] = False
+    expected = reference_metrics(scores[subset], targets[kept], ok[kept])
+    scorer = table_scorer(torch.from_numpy(scores), subset)
+    got = evaluate(scorer, data, "val", max_len=60, sample_size=sample_size, device="cpu", batch_size=5, users=subset)
+    assert got["users"] == len(subset) < len(rows)
+    for name in metric_names():
+        assert got[name] == pytest.approx(expected[name], abs=1e-9), name

@@ -361,3 +361,85 @@ def test_finetuning_on_real_item_text_improves_over_untrained_and_random(scienti
     out = tmp_path / "run"
     finetune_recformer.main(short_run_args(scientific_slice, out, batch_size=4, tensorboard=False))
     check_improves_over_untrained_and_random(records_of(out))
+
+
+TIMING = ("train_seconds", "val_seconds", "test_seconds")
+
+
+def without_timings(record: dict) -> dict:
+    """A metrics.jsonl or test_metrics.json record without its timing fields (nested per protocol too)."""
+    return {
+        key: without_timings(value) if isinstance(value, dict) else value
+        for key, value in record.items()
+        if key not in TIMING
+    }
+
+
+class Killed(Exception):
+    """Stands for the end of a process: raised from inside the run, caught by the test."""
+
+
+@pytest.mark.parametrize(
+    "kill_at, before_saving",
+    [((1, 1), False), ((2, 2), True)],
+    ids=["after-stage1-epoch1", "during-stage2-epoch2-before-its-resume-point"],
+)
+def test_resumed_finetuning_equals_the_uninterrupted_run(two_stage_run, synthetic_data, tmp_path, kill_at, before_saving):
+    """A run killed after an epoch (or between an epoch's metrics line and its resume point, which leaves one line
+    too many) and resumed gives the uninterrupted run's metrics, test metrics and stage checkpoints."""
+    reference, reference_records = two_stage_run
+    out = tmp_path / "run"
+    save = finetune_recformer.save_resume_point
+
+    def killed_at_point(run, run_dir, point, *rest):
+        if (point["stage"], point["epoch"]) == kill_at and before_saving:
+            raise Killed
+        save(run, run_dir, point, *rest)
+        if (point["stage"], point["epoch"]) == kill_at:
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_recformer, "LOG_EVERY", 1)
+        patch.setattr(finetune_recformer, "save_resume_point", killed_at_point)
+        with pytest.raises(Killed):
+            finetune_recformer.main(short_run_args(synthetic_data, out))
+    assert not (out / "test_metrics.json").exists() and (out / "resume.pt").exists()
+    with pytest.raises(SystemExit, match="other settings than the run's"):
+        finetune_recformer.main(short_run_args(synthetic_data, out, resume=True, lr=2 * LR))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune_recformer, "LOG_EVERY", 1)
+        finetune_recformer.main(short_run_args(synthetic_data, out, resume=True))
+
+    assert [without_timings(r) for r in records_of(out)] == [without_timings(r) for r in reference_records]
+    test, reference_test = (json.loads((d / "test_metrics.json").read_text()) for d in (out, reference))
+    assert without_timings(test) == without_timings(reference_test)
+    for stage in ("stage1", "stage2"):
+        for name in ("model.safetensors", "item_table.safetensors"):
+            got, expected = load_file(out / stage / name), load_file(reference / stage / name)
+            assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), (stage, name)
+    assert not (out / "resume.pt").exists()  # a finished run keeps its stage checkpoints only
+
+
+def test_validation_on_a_seeded_user_subset_and_test_on_every_user(synthetic_data, tmp_path):
+    data = load_dataset(synthetic_data)
+    subset = finetune_recformer.validation_subset(data, 40, seed=0)
+    assert len(set(subset)) == 40 and data.has_val[subset].all() and (np.diff(subset) > 0).all()
+    assert np.array_equal(subset, finetune_recformer.validation_subset(data, 40, seed=0))
+    assert not np.array_equal(subset, finetune_recformer.validation_subset(data, 40, seed=1))
+    assert finetune_recformer.validation_subset(data, data.num_users, seed=0) is None  # every user anyway
+
+    out = tmp_path / "run"
+    run = finetune_recformer.main(
+        short_run_args(synthetic_data, out, epochs=1, stages=1, val_users=40, test_sample_sizes=(-1,))
+    )
+    records, test = records_of(out), json.loads((out / "test_metrics.json").read_text())
+    assert [r["users"] for r in records] == [40, 40]
+    assert np.array_equal(run.val_users, subset)
+    assert test["users"] == int(data.has_test.sum())
+    assert set(test["by_protocol"]) == {f"sampled-{SAMPLE_SIZE}", "full ranking"}
+    assert without_timings(test["by_protocol"][f"sampled-{SAMPLE_SIZE}"]) == without_timings(
+        {k: test[k] for k in test if k not in ("stage", "val_NDCG@10", "by_protocol")}
+    )
+    # the full-ranking test equals a zero-shot evaluation of the chosen model under full ranking
+    full = finetune_recformer.evaluate_split(run, "test", -1)
+    assert without_timings(test["by_protocol"]["full ranking"]) == full
