@@ -1,51 +1,70 @@
-"""The paper's experiment grid on one dataset, in one command: item-table start x init transform x model x seed x
-evaluation protocol, then a results table and plots.
+"""The paper's grid on one dataset, in one command: item-table start x init transform x model x seed x evaluation
+protocol, Recformer itself beside them, then a results table and plots.
 
-Item-table starts (the paper's names):
+Item-table starts (the paper's names; results.md names them after the backbone):
 
     random       Xavier / N(0, 1), each model's own initialisation (no transform)
-    longformer   the raw --backbone's item vectors
+    longformer   the raw --backbone's item vectors ("<backbone>, raw" in results.md)
     pretrain     a pre-trained Recformer's vectors (--pretrained; skipped without it)
-    finetune     the vectors of --pretrained (else --backbone) after Recformer's fine-tuning on --data (stage 1 model;
-                 --finetune-max-steps N bounds it to N steps of stage 1 alone; --finetune-epochs 0 skips it)
+    finetune     the vectors of --pretrained (else --backbone) after Recformer's two-stage fine-tuning on --data, each
+                 stage to its patience (stage 1 model; --finetune-max-steps N bounds it to N steps of stage 1 alone;
+                 --finetune-epochs 0 skips it). The fine-tuned Recformer is itself tested under every protocol and
+                 has its own rows, "Recformer (fine-tuned)".
 
 Each PLM start is exported once to <out>/tables/<start>.safetensors and run under every --transforms; every
 (model, start, transform, protocol, seed) is its own run directory <out>/runs/<name>/, trained by the stage script's
 `main`. Each protocol (--sample-sizes: 100 = rank against 100 sampled negatives, -1 = rank against all items) trains
 its own models, since SASRec's loss follows the protocol (README: loss coupling) and the best epoch is chosen on it.
 
-The grid resumes: a run, table or fine-tuning directory that already holds its result is skipped; one left by a crash
-(directory without its result) is removed and redone. Outputs in --out: results.md (mean +- std over seeds, change
-against random init), results.json (every run and the summary), test_ndcg10.png (test NDCG@10 by model and start),
-val_ndcg10.png (validation NDCG@10 per epoch, mean over seeds: convergence).
+Parallel cells: --jobs N runs N tasks (cells, the fine-tuning, exports) at once, each a process with cores // N
+threads (on CUDA the N processes share the GPU); a task starts once the table it needs exists, in an order that
+answers the main question first (random against finetune, full ranking, both models, then the other starts). Their
+output goes to <out>/logs/<task>.log; the grid's own log (<out>/grid.log and the terminal) says which task of how
+many starts and ends when.
 
-    python reproduce.py --data data/scientific --backbone all-MiniLM-L6-v2 --out runs/reproduce/scientific
+The grid resumes: a run or table that holds its result is skipped, a run directory left by a crash (no readable
+test_metrics.json) is removed and redone, and a killed fine-tuning goes on from its last finished epoch
+(finetune_recformer.py --resume). Outputs in --out: results.md (mean ± std over seeds, change against random init,
+convergence, inference cost), results.json (every run and the summary), test_ndcg10.png (test NDCG@10 by model and
+start), val_ndcg10.png (validation NDCG@10 per epoch, mean over seeds: convergence).
+
+    python reproduce.py --data data/scientific --backbone minilm --out runs/reproduce/scientific --jobs 2
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
-from collections.abc import Callable
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import torch
+from safetensors import safe_open
 
 import export_embeddings
 import finetune_recformer
 import train_bert4rec
 import train_sasrec
 from common.cli import Checked, Device, NonNegative, Positive, parse
-from common.data import load_dataset
-from common.embeddings import load_item_embeddings
-from common.run import save_atomic, write_json_atomic
+from common.data import DatasetError, load_dataset
+from common.evaluation import check_sample_size, protocol
+from common.run import progress, save_atomic, write_json_atomic
 
 TRAINERS = {"sasrec": train_sasrec, "bert4rec": train_bert4rec}
-MODEL_NAMES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec"}
+MODEL_CLASSES = {"sasrec": train_sasrec.SASRec, "bert4rec": train_bert4rec.BERT4Rec}
+MODEL_NAMES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec", "recformer": "Recformer (fine-tuned)"}
 TABLE_METRICS = ("NDCG@10", "HR@10", "MRR")
+START_ORDER = ("random", "finetune", "longformer", "pretrain")  # scheduling: the paper's question first
+GRID_FILE = "grid.json"
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -56,6 +75,9 @@ class Args(Checked):
     """The raw language model: a Hugging Face Longformer / BERT / RoBERTa directory or hub name, or "tiny"."""
     out: Path
     """Directory for tables, runs and results; a second call with the same --out resumes."""
+    backbone_name: str | None = None
+    """The backbone's name in results.md (e.g. "all-MiniLM-L6-v2"); default the last part of --backbone's path
+    (the folder above when that is "model")."""
     pretrained: str | None = None
     """A pre-trained Recformer checkpoint (pretrain_recformer.py best/ or final/, or the paper's .bin): adds the
     "pretrain" start and is what "finetune" fine-tunes; without it, "finetune" fine-tunes --backbone."""
@@ -63,17 +85,23 @@ class Args(Checked):
     """Maximum epochs of each Recformer fine-tuning stage for the "finetune" start; 0 skips that start."""
     finetune_max_steps: Annotated[int | None, Positive] = None
     """Optimizer steps of that fine-tuning at most (finetune_recformer.py --max-steps, stage 1 only); None: no
-    limit, and both stages run as in the paper (the "finetune" table is the stage-1 model's either way)."""
+    limit, and both stages run to their patience as in the paper (the "finetune" table is the stage-1 model's)."""
     finetune_lr: Annotated[float, NonNegative] = 5e-5
     """AdamW peak learning rate of that fine-tuning."""
     finetune_warmup_steps: Annotated[int, NonNegative] = 100
     """Its linear warm-up steps (finetune_recformer.py --warmup-steps)."""
+    finetune_sample_size: int = 100
+    """The protocol that fine-tuning picks its best epoch and stage on (the paper's Recformer: 100 negatives); its
+    model is then tested under every --sample-sizes."""
+    finetune_val_users: Annotated[int | None, Positive] = None
+    """Validate the fine-tuning on this many users, a fixed subset drawn with the first seed
+    (finetune_recformer.py --val-users; a deviation for CPU budgets); None: every user."""
     models: tuple[Literal["sasrec", "bert4rec"], ...] = ("sasrec", "bert4rec")
     """Recommenders to train."""
     transforms: tuple[Literal["none", "center", "whiten"], ...] = ("none", "center", "whiten")
     """--init-transform values each PLM start runs with ("none" = the paper's copy)."""
     seeds: tuple[int, ...] = (42, 43)
-    """One run per seed; the table reports mean and std over them."""
+    """One run per seed; the table reports mean and std over them. The fine-tuning runs once, with the first."""
     sample_sizes: tuple[int, ...] = (100, -1)
     """Evaluation protocols, each trained separately: N > 0 ranks against N sampled negatives, <= 0 all items."""
     epochs: Annotated[int, Positive] = 200
@@ -90,14 +118,16 @@ class Args(Checked):
     """BERT4Rec's Adam learning rate (the paper's 1e-4)."""
     device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", ... for every stage."""
+    jobs: Annotated[int, Positive] = 1
+    """Tasks run at once, each a process with (CPU cores // jobs) threads; 1 runs them one by one in this process."""
     report_only: bool = False
     """Train and export nothing: summarise the finished runs of the grid (results.md lists the missing ones), e.g.
     while other processes are still working through it."""
 
 
 @dataclass(frozen=True)
-class Run:
-    """One cell of the grid."""
+class Cell:
+    """One recommender run of the grid."""
 
     model: str
     start: str
@@ -114,89 +144,301 @@ class Run:
         return f"{self.model}-{self.start}-{self.transform}-{self.protocol}-seed{self.seed}"
 
 
-def redo_if_crashed(directory: Path, result: Path) -> bool:
-    """True when `result` already exists (skip); otherwise removes what a crashed attempt left in `directory`."""
-    if result.exists():
+@dataclass(frozen=True)
+class Task:
+    """One unit of work for the scheduler: export a table ("table", start), fine-tune ("finetune"), or train a cell."""
+
+    kind: Literal["table", "finetune", "cell"]
+    start: str
+    cell: Cell | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cell.name if self.cell else "finetune" if self.kind == "finetune" else f"table-{self.start}"
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Names of the tasks whose results this one reads (every cell reads the raw table's width)."""
+        if self.kind == "table":
+            return ("finetune",) if self.start == "finetune" else ()
+        if self.kind == "cell":
+            own = [] if self.start == "random" else [f"table-{self.start}"]
+            return tuple(dict.fromkeys(["table-longformer", *own]))
+        return ()
+
+
+def finished(run_dir: Path) -> bool:
+    """A run directory holds its result: a readable test_metrics.json (one cut by a kill counts as missing)."""
+    try:
+        json.loads((run_dir / "test_metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def redo_if_crashed(directory: Path) -> bool:
+    """True when `directory` needs its run (then what a crashed attempt left there is removed); False if finished."""
+    if finished(directory):
         return False
     if directory.exists():
-        print(f"{directory}: no {result.name}, left by an interrupted run; removing it and running again")
+        print(f"{directory}: no readable test_metrics.json, left by an interrupted run; removing it and running again")
         shutil.rmtree(directory)
     return True
 
 
-def export_table(args: Args, start: str, checkpoint: Callable[[], str]) -> Path | None:
-    """<out>/tables/<start>.safetensors, exported from checkpoint() unless it exists (export writes atomically, so
-    an existing file is complete; checkpoint() is only called, and so trained, when the table is missing); None
-    for a missing table under --report-only."""
-    path = args.out / "tables" / f"{start}.safetensors"
-    if not path.exists():
-        if args.report_only:
-            return None
-        export_embeddings.main(
-            export_embeddings.Args(checkpoint=checkpoint(), data=args.data, out=path, device=args.device)
-        )
-    return path
+def table_path(args: Args, start: str) -> Path:
+    return args.out / "tables" / f"{start}.safetensors"
 
 
-def finetuned_checkpoint(args: Args) -> str:
-    """The stage-1 model of Recformer fine-tuning on --data (from --pretrained, else --backbone), trained if needed."""
+def table_width(path: Path) -> int:
+    """The vector width of an exported table, read from the file's header."""
+    with safe_open(str(path), framework="pt") as table:
+        return table.get_slice(next(iter(table.keys()))).get_shape()[1]
+
+
+def finetune_args(args: Args, resume: bool) -> finetune_recformer.Args:
+    """The fine-tuning of the "finetune" start: both stages to their patience unless --finetune-max-steps."""
+    return finetune_recformer.Args(
+        data=args.data,
+        backbone=args.pretrained or args.backbone,
+        out=args.out / "finetune",
+        epochs=args.finetune_epochs,
+        max_steps=args.finetune_max_steps,
+        stages=2 if args.finetune_max_steps is None else 1,
+        lr=args.finetune_lr,
+        warmup_steps=args.finetune_warmup_steps,
+        sample_size=args.finetune_sample_size,
+        test_sample_sizes=tuple(s for s in args.sample_sizes if s != args.finetune_sample_size),
+        val_users=args.finetune_val_users,
+        seed=args.seeds[0],
+        device=args.device,
+        resume=resume,
+    )
+
+
+def finetune(args: Args) -> None:
+    """Recformer fine-tuning on --data, resumed where a killed one stopped (a directory without config.json,
+    killed before it began, is started over)."""
     run_dir = args.out / "finetune"
-    if redo_if_crashed(run_dir, run_dir / "test_metrics.json"):
-        finetune_recformer.main(
-            finetune_recformer.Args(
-                data=args.data,
-                backbone=args.pretrained or args.backbone,
-                out=run_dir,
-                epochs=args.finetune_epochs,
-                max_steps=args.finetune_max_steps,
-                stages=2 if args.finetune_max_steps is None else 1,
-                lr=args.finetune_lr,
-                warmup_steps=args.finetune_warmup_steps,
-                seed=args.seeds[0],
-                device=args.device,
-            )
-        )
-    return str(run_dir / "stage1")
+    resume = (run_dir / "config.json").is_file()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    finetune_recformer.main(finetune_args(args, resume))
 
 
-def item_tables(args: Args) -> dict[str, Path | None]:
-    """{start: embedding file} for every PLM start the flags ask for (None: missing, under --report-only)."""
-    tables = {"longformer": export_table(args, "longformer", lambda: args.backbone)}
-    if args.pretrained:
-        tables["pretrain"] = export_table(args, "pretrain", lambda: args.pretrained)
-    if args.finetune_epochs > 0:
-        tables["finetune"] = export_table(args, "finetune", lambda: finetuned_checkpoint(args))
-    return tables
+def export_table(args: Args, start: str) -> None:
+    checkpoint = {"longformer": args.backbone, "pretrain": args.pretrained}.get(start)
+    checkpoint = checkpoint or str(args.out / "finetune" / "stage1")
+    export_embeddings.main(
+        export_embeddings.Args(checkpoint=checkpoint, data=args.data, out=table_path(args, start), device=args.device)
+    )
 
 
-def grid(args: Args, starts: list[str]) -> list[Run]:
-    """Every run: random once per model, protocol and seed; each PLM start under every transform."""
-    runs = []
+def model_width(args: Args) -> int:
+    return args.hidden_size or table_width(table_path(args, "longformer"))
+
+
+def stage_args(args: Args, cell: Cell):
+    """The stage script's Args for one cell: tables wider than the model are reduced by PCA (--project pca)."""
+    trainer = TRAINERS[cell.model]
+    width = model_width(args)
+    table = None if cell.start == "random" else table_path(args, cell.start)
+    plm = {}
+    if table is not None:
+        project = "pca" if width < table_width(table) else "none"
+        plm = dict(embeddings=table, init_transform=cell.transform, project=project)
+    return trainer.Args(
+        data=args.data,
+        out=args.out / "runs" / cell.name,
+        init_type="none" if table is None else "plm",
+        hidden_size=width,
+        sample_size=cell.sample_size,
+        epochs=epoch_cap(args, cell.model),
+        patience=args.patience,
+        lr=args.sasrec_lr if cell.model == "sasrec" else args.bert4rec_lr,
+        seed=cell.seed,
+        device=args.device,
+        **plm,
+    )
+
+
+def epoch_cap(args: Args, model: str) -> int:
+    return args.epochs if model == "sasrec" or args.bert4rec_epochs is None else args.bert4rec_epochs
+
+
+def is_done(args: Args, task: Task) -> bool:
+    if task.kind == "table":
+        return table_path(args, task.start).exists()  # export writes atomically: an existing file is complete
+    if task.kind == "finetune":
+        return finished(args.out / "finetune")
+    return finished(args.out / "runs" / task.cell.name)
+
+
+def perform(args: Args, task: Task) -> None:
+    """Do one task in this process."""
+    if task.kind == "table":
+        export_table(args, task.start)
+    elif task.kind == "finetune":
+        finetune(args)
+    elif redo_if_crashed(args.out / "runs" / task.cell.name):
+        TRAINERS[task.cell.model].main(stage_args(args, task.cell))
+
+
+def perform_in_child(args: Args, task: Task, threads: int, log: Path) -> str | None:
+    """perform() in a worker process of --jobs, its output into `log`; the one-line reason when it failed."""
+    torch.set_num_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(
+        stream
+    ):
+        try:
+            perform(args, task)
+        except SystemExit as error:
+            return str(error.code)
+        except Exception as error:  # noqa: BLE001 - reported as the task's failure, the grid goes on
+            traceback.print_exc()
+            return f"{type(error).__name__}: {error}"
+    return None
+
+
+def cells(args: Args, starts: list[str]) -> list[Cell]:
+    """Every recommender run in the tables' order: random once per model, protocol and seed; each PLM start under
+    every transform."""
+    grid = []
     for model in args.models:
         for sample_size in args.sample_sizes:
             for start in starts:
                 for transform in ("none",) if start == "random" else args.transforms:
-                    runs.extend(Run(model, start, transform, sample_size, seed) for seed in args.seeds)
-    return runs
+                    grid.extend(Cell(model, start, transform, sample_size, seed) for seed in args.seeds)
+    return grid
 
 
-def stage_args(args: Args, run: Run, run_dir: Path, table: Path | None, width: int, table_width: int | None):
-    """The stage script's Args for one run: tables wider than the model are reduced by PCA (--project pca)."""
-    trainer = TRAINERS[run.model]
-    plm = dict(embeddings=table, init_transform=run.transform, project="pca" if width < (table_width or 0) else "none")
-    return trainer.Args(
-        data=args.data,
-        out=run_dir,
-        init_type="none" if table is None else "plm",
-        hidden_size=width,
-        sample_size=run.sample_size,
-        epochs=args.epochs if run.model == "sasrec" or args.bert4rec_epochs is None else args.bert4rec_epochs,
-        patience=args.patience,
-        lr=args.sasrec_lr if run.model == "sasrec" else args.bert4rec_lr,
-        seed=run.seed,
-        device=args.device,
-        **({} if table is None else plm),
+def schedule_order(args: Args, cell: Cell) -> tuple:
+    """What finishes first answers most: per seed, random and finetune before the other starts, full ranking
+    before sampled, both models, then the transforms in flag order."""
+    return (
+        args.seeds.index(cell.seed),
+        START_ORDER.index(cell.start) >= 2,
+        cell.sample_size > 0,
+        START_ORDER.index(cell.start),
+        args.transforms.index(cell.transform) if cell.start != "random" else -1,
+        args.models.index(cell.model),
     )
+
+
+def tasks_of(args: Args, starts: list[str]) -> list[Task]:
+    """Fine-tuning first (the longest), the tables, then the cells in schedule order."""
+    tasks = [Task("finetune", "finetune")] if "finetune" in starts else []
+    tasks += [Task("table", start) for start in starts if start != "random"]
+    ordered = sorted(cells(args, starts), key=lambda cell: schedule_order(args, cell))
+    return tasks + [Task("cell", cell.start, cell) for cell in ordered]
+
+
+class GridLog:
+    """Timestamped lines about the grid's tasks, on the terminal and appended to <out>/grid.log."""
+
+    def __init__(self, out: Path, total: int):
+        self.file = out / "grid.log"
+        self.total = total
+        self.bar = progress(range(total), desc="grid tasks", unit="task")
+
+    def line(self, text: str) -> None:
+        stamped = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
+        self.bar.write(stamped)
+        with open(self.file, "a", encoding="utf-8") as f:
+            f.write(stamped + "\n")
+
+    def advance(self, running: int, left: int) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(running=running, left=left)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def threads_per_job(args: Args) -> int:
+    return max(1, (os.cpu_count() or 1) // args.jobs)
+
+
+@contextlib.contextmanager
+def worker_environment(threads: int):
+    """Environment the --jobs workers start with (spawned processes copy it): `threads` OpenMP threads, so N
+    workers do not oversubscribe the cores, and no progress bars (they would interleave; the grid has its own)."""
+    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "RECSYS_QUIET")}
+    os.environ.update(OMP_NUM_THREADS=str(threads), RECSYS_QUIET="1")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_tasks(args: Args, tasks: list[Task]) -> dict[str, str]:
+    """Every task not yet done, at most --jobs at a time, each once the tasks it needs are done; returns
+    {task name: why it failed} (a failed task's dependants are not started)."""
+    pending = [task for task in tasks if not is_done(args, task)]
+    threads = threads_per_job(args)
+    log = GridLog(args.out, len(tasks))
+    log.bar.update(len(tasks) - len(pending))
+    log.line(f"{len(tasks) - len(pending)} of {len(tasks)} tasks done; {len(pending)} to run, {args.jobs} at a time"
+             + (f" with {threads} thread(s) each" if args.jobs > 1 else ""))  # fmt: skip
+    number = {task.name: i for i, task in enumerate(tasks, start=1)}
+    done = {task.name for task in tasks if task not in pending}
+    failed: dict[str, str] = {}
+    running: dict = {}  # future (or None in-process) -> (task, start time)
+
+    def ready(task: Task) -> bool:
+        return all(need in done or need not in number for need in task.needs)
+
+    def blocked(task: Task) -> bool:
+        return any(need in failed for need in task.needs)
+
+    def finish(task: Task, began: float, error: str | None) -> None:
+        if error is None:
+            done.add(task.name)
+        else:
+            failed[task.name] = error
+        verb = "done" if error is None else f"FAILED ({error}; see {args.out / 'logs' / task.name}.log)"
+        log.line(f"{verb} {number[task.name]}/{len(tasks)} {task.name} in {time.time() - began:.0f} s")
+        log.advance(len(running), len(pending))
+
+    if args.jobs == 1:
+        for task in pending:
+            if blocked(task):
+                failed[task.name] = "a task it needs failed"
+                continue
+            log.line(f"start {number[task.name]}/{len(tasks)} {task.name}")
+            began = time.time()
+            try:
+                perform(args, task)
+                error = None
+            except SystemExit as stop:
+                error = str(stop.code)
+            finish(task, began, error)
+        log.close()
+        return failed
+
+    with worker_environment(threads), ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        while pending or running:
+            for task in [t for t in pending if blocked(t)]:
+                pending.remove(task)
+                failed[task.name] = "a task it needs failed"
+            for task in [t for t in pending if ready(t)][: args.jobs - len(running)]:
+                pending.remove(task)
+                log.line(f"start {number[task.name]}/{len(tasks)} {task.name}")
+                log_file = args.out / "logs" / f"{task.name}.log"
+                running[pool.submit(perform_in_child, args, task, threads, log_file)] = (task, time.time())
+            if not running:
+                break  # what is left waits on tasks that failed
+            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished_now:
+                task, began = running.pop(future)
+                finish(task, began, future.result())
+    log.close()
+    return failed
 
 
 # Flags that change where a run writes or what it logs, not what it computes: a finished run is reused whatever they
@@ -215,44 +457,99 @@ def check_settings(run_dir: Path, settings) -> None:
         )
 
 
-def read_run(run: Run, run_dir: Path) -> dict:
-    """One finished run's record: its cell, test metrics, validation curve and training seconds (metrics.jsonl)."""
+def finished_cells(args: Args, starts: list[str]) -> list[Cell]:
+    """The grid's finished cells, each checked to hold the settings this call would give it."""
+    done = [cell for cell in cells(args, starts) if finished(args.out / "runs" / cell.name)]
+    for cell in done:
+        check_settings(args.out / "runs" / cell.name, stage_args(args, cell))
+    return done
+
+
+def parameter_count(args: Args, cell: Cell, num_items: int) -> int:
+    """Parameters the model uses to score a user (all of them, the item table included)."""
+    model = MODEL_CLASSES[cell.model](num_items, stage_args(args, cell))
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def read_run(args: Args, cell: Cell, num_items: int) -> dict:
+    """One finished run's record: its cell, test metrics, validation curve, training seconds, convergence and cost."""
+    run_dir = args.out / "runs" / cell.name
     test = json.loads((run_dir / "test_metrics.json").read_text())
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cap = epoch_cap(args, cell.model)
     return {
-        **asdict(run),
-        "protocol": run.protocol,
+        **asdict(cell),
+        "protocol": cell.protocol,
         "run_dir": str(run_dir),
         "test": test,
         "val_ndcg10": [epoch["NDCG@10"] for epoch in epochs],
         "train_seconds": sum(epoch["train_seconds"] for epoch in epochs),
+        "epoch_cap": cap,
+        "converged": test["best_epoch"] <= cap - args.patience,
+        "parameters": parameter_count(args, cell, num_items),
+        "users_per_s": test["users"] / test["test_seconds"] if test.get("test_seconds") else None,
     }
 
 
+def recformer_records(args: Args, num_items: int) -> list[dict]:
+    """The fine-tuned Recformer's own test metrics, one record per protocol of --sample-sizes it was tested under."""
+    run_dir = args.out / "finetune"
+    if not finished(run_dir):
+        return []
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curve = [line["NDCG@10"] for line in lines if line["stage"] == test["stage"]]
+    patience = json.loads((run_dir / "config.json").read_text())["patience"]
+    converged = len(curve) - (int(np.argmax(curve)) + 1) >= patience  # the stage stopped on its patience
+    stage = run_dir / f"stage{test['stage']}" / "model.safetensors"
+    with safe_open(str(stage), framework="pt") as weights:
+        encoder = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
+    width = table_width(run_dir / f"stage{test['stage']}" / finetune_recformer.TABLE_FILE)
+    records = []
+    for sample_size in args.sample_sizes:
+        metrics = test.get("by_protocol", {}).get(protocol(sample_size))
+        if metrics is None:
+            continue
+        cell = Cell("recformer", "recformer", "none", sample_size, args.seeds[0])
+        records.append({
+            **asdict(cell), "protocol": cell.protocol, "run_dir": str(run_dir), "test": metrics, "val_ndcg10": [],
+            "train_seconds": sum(line.get("train_seconds", 0.0) for line in lines), "converged": converged,
+            "parameters": encoder + (num_items + 1) * width,
+            "users_per_s": metrics["users"] / metrics["test_seconds"],
+        })  # fmt: skip
+    return records
+
+
 def summarise(records: list[dict]) -> list[dict]:
-    """One entry per (model, start, transform, protocol): mean and std over seeds of the test metrics, the change of
-    mean test NDCG@10 against the same model and protocol from random init, and the mean validation curve."""
+    """One entry per (model, start, transform, protocol): mean and std over seeds of the test metrics (std None for
+    one seed), the change of mean test NDCG@10 against the same model and protocol from random init, the mean
+    validation curve and where each seed's curve ends, convergence and inference cost."""
     groups: dict[tuple, list[dict]] = {}
     for record in records:
         key = (record["model"], record["start"], record["transform"], record["protocol"])
         groups.setdefault(key, []).append(record)
     summary = []
-    for (model, start, transform, protocol), members in groups.items():
+    for (model, start, transform, protocol_name), members in groups.items():
         metrics = {}
         for metric in TABLE_METRICS:
             values = np.array([m["test"][metric] for m in members])
-            std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            std = float(values.std(ddof=1)) if len(values) > 1 else None
             metrics[metric] = {"mean": float(values.mean()), "std": std}
+        speeds = [m["users_per_s"] for m in members if m["users_per_s"]]
         summary.append(
             {
                 "model": model,
                 "start": start,
                 "transform": transform,
-                "protocol": protocol,
+                "protocol": protocol_name,
                 "seeds": [m["seed"] for m in members],
                 "test": metrics,
-                "best_epochs": [m["test"]["best_epoch"] for m in members],
+                "best_epochs": [m["test"].get("best_epoch") for m in members],
+                "not_converged": sum(not m["converged"] for m in members),
                 "val_ndcg10_mean": mean_curve([m["val_ndcg10"] for m in members]),
+                "val_epochs": [len(m["val_ndcg10"]) for m in members],
+                "parameters": members[0]["parameters"],
+                "users_per_s": float(np.mean(speeds)) if speeds else None,
             }
         )
     random_ndcg = {(s["model"], s["protocol"]): s["test"]["NDCG@10"]["mean"] for s in summary if s["start"] == "random"}
@@ -267,112 +564,187 @@ def mean_curve(curves: list[list[float]]) -> list[float]:
     return [float(np.mean([c[epoch] for c in curves if len(c) > epoch])) for epoch in range(max(map(len, curves)))]
 
 
-def start_label(entry: dict) -> str:
-    return entry["start"] if entry["start"] == "random" else f"{entry['start']} ({entry['transform']})"
+def backbone_name(args: Args) -> str:
+    if args.backbone_name:
+        return args.backbone_name
+    path = Path(args.backbone)
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
 
 
-def results_markdown(summary: list[dict], records: list[dict], args: Args, width: int, missing: list[str]) -> str:
-    """The paper-style table, one section per protocol; then the runs of the grid not finished (--report-only)."""
+def start_label(entry: dict, backbone: str) -> str:
+    """The item table a row starts from, named after what it is (the paper's start names in the footnote)."""
+    labels = {
+        "random": "random",
+        "longformer": f"{backbone}, raw",
+        "pretrain": "Recformer, pre-trained",
+        "finetune": f"{backbone}, Recformer fine-tuned",
+        "recformer": "(the model itself)",
+    }
+    label = labels[entry["start"]]
+    return label if entry["start"] in ("random", "recformer") else f"{label} ({entry['transform']})"
+
+
+def metric_cell(value: dict) -> str:
+    return f"{value['mean']:.4f}" if value["std"] is None else f"{value['mean']:.4f} ± {value['std']:.4f}"
+
+
+def cost_cells(entry: dict) -> list[str]:
+    speed = entry["users_per_s"]
+    return [f"{entry['parameters'] / 1e6:.2f} M", "" if speed is None else f"{speed:,.0f}"]
+
+
+def results_markdown(summary: list[dict], records: list[dict], args: Args, missing: list[str]) -> str:
+    """The paper-style table, one section per protocol; convergence and cost per row; then the missing runs."""
     hours = sum(record["train_seconds"] for record in records) / 3600
+    backbone = backbone_name(args)
+    not_converged = sum(not record["converged"] for record in records)
     lines = [
-        f"# Results on {args.data}",
+        f"# Results on {args.data.name}",
         "",
-        f"Backbone {args.backbone}; width {width}; seeds {' '.join(map(str, args.seeds))}; at most {args.epochs} "
-        f"epochs (BERT4Rec {args.bert4rec_epochs or args.epochs}), patience {args.patience}; "
-        f"lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}; "
-        f"{len(records)} runs, {hours:.2f} h of training epochs in all (validation and test not counted). "
-        "Test metrics: mean ± std over seeds; the change is that of mean test NDCG@10 against random init.",
+        f"Backbone {backbone} ({args.backbone}); width {model_width(args)}; seeds {' '.join(map(str, args.seeds))}; "
+        f"at most {args.epochs} epochs (BERT4Rec {epoch_cap(args, 'bert4rec')}), patience {args.patience}; "
+        f"lr SASRec {args.sasrec_lr:g}, BERT4Rec {args.bert4rec_lr:g}; {len(records)} runs, {hours:.2f} h of "
+        "training epochs in all (validation and test not counted). "
+        f"**{not_converged} of {len(records)} runs not converged** (best epoch within --patience {args.patience} of "
+        "the epoch cap, marked * in \"best epochs\"). Test metrics: mean ± std over the seeds (n = number of seeds; "
+        "a single seed has no ± ); the change is that of mean test NDCG@10 against random init. Cost: parameters "
+        f"used to score a user, and users/s of test scoring on this machine ({threads_per_job(args)} CPU thread(s) "
+        "per run unless on CUDA).",
     ]
-    for protocol in dict.fromkeys(entry["protocol"] for entry in summary):
-        lines += ["", f"## {protocol}", ""]
-        lines.append("| model | item table (transform) | " + " | ".join(TABLE_METRICS) + " | vs random | best epochs |")
-        lines.append("|---" * (len(TABLE_METRICS) + 4) + "|")
-        for entry in (e for e in summary if e["protocol"] == protocol):
-            cells = [f"{entry['test'][m]['mean']:.4f} ± {entry['test'][m]['std']:.4f}" for m in TABLE_METRICS]
+    for protocol_name in dict.fromkeys(entry["protocol"] for entry in summary):
+        lines += ["", f"## {protocol_name}", ""]
+        columns = ["model", "item table (transform)", *TABLE_METRICS, "n", "vs random", "best epochs", "params",
+                   "users/s"]  # fmt: skip
+        lines += ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        for entry in (e for e in summary if e["protocol"] == protocol_name):
             change = entry["ndcg10_vs_random"]
-            change = "" if entry["start"] == "random" or change is None else f"{change:+.1%}"
-            epochs = " ".join(map(str, entry["best_epochs"]))
-            row = [MODEL_NAMES[entry["model"]], start_label(entry), *cells, change, epochs]
+            change = "" if entry["start"] in ("random", "recformer") or change is None else f"{change:+.1%}"
+            members = [r for r in records if (r["model"], r["start"], r["transform"], r["protocol"]) == (
+                entry["model"], entry["start"], entry["transform"], protocol_name)]  # fmt: skip
+            epochs = " ".join(f"{r['test']['best_epoch']}{'' if r['converged'] else '*'}"
+                              for r in members if "best_epoch" in r["test"])  # fmt: skip
+            row = [MODEL_NAMES[entry["model"]], start_label(entry, backbone),
+                   *(metric_cell(entry["test"][m]) for m in TABLE_METRICS), str(len(entry["seeds"])), change, epochs,
+                   *cost_cells(entry)]  # fmt: skip
             lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Item tables: \"{backbone}, raw\" is the paper's \"longformer\" start (the raw language model's "
+              "item vectors; the paper's backbone is Longformer); \"Recformer fine-tuned\" is its \"finetune\" "
+              "start; \"Recformer (fine-tuned)\" rows are the fine-tuned Recformer's own test metrics (one run, the "
+              "first seed)."]  # fmt: skip
     if missing:
         lines += ["", f"Not finished, so not in the table ({len(missing)} runs): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
-def plot_results(summary: list[dict], out: Path) -> None:
-    """test_ndcg10.png (bars with std error bars) and val_ndcg10.png (mean validation curves): one panel per model
-    (rows) and protocol (columns)."""
+def plot_results(summary: list[dict], args: Args) -> None:
+    """test_ndcg10.png (bars, std error bars for several seeds) and val_ndcg10.png (mean validation curves, a cross
+    where a seed's run stopped): one panel per model (rows) and protocol (columns)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(entry["model"] for entry in summary))
+    backbone = backbone_name(args)
+    models = [m for m in dict.fromkeys(entry["model"] for entry in summary) if m != "recformer"]
     protocols = list(dict.fromkeys(entry["protocol"] for entry in summary))
     for filename, draw in (("test_ndcg10.png", _bars), ("val_ndcg10.png", _curves)):
         figure, axes = plt.subplots(
             len(models), len(protocols), figsize=(6 * len(protocols), 4.5 * len(models)), squeeze=False
         )
         for row, model in enumerate(models):
-            for column, protocol in enumerate(protocols):
-                entries = [e for e in summary if e["model"] == model and e["protocol"] == protocol]
-                draw(axes[row, column], entries)
-                axes[row, column].set_title(f"{MODEL_NAMES[model]}, {protocol}")
+            for column, protocol_name in enumerate(protocols):
+                entries = [e for e in summary if e["model"] == model and e["protocol"] == protocol_name]
+                if draw is _bars:
+                    entries += [e for e in summary if e["model"] == "recformer" and e["protocol"] == protocol_name]
+                draw(axes[row, column], entries, backbone)
+                axes[row, column].set_title(f"{args.data.name}: {MODEL_NAMES[model]}, {protocol_name}")
         figure.tight_layout()
-        save_atomic(out / filename, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+        save_atomic(args.out / filename, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
         plt.close(figure)
 
 
-def _bars(axis, entries: list[dict]) -> None:
-    labels = [start_label(e) for e in entries]
+def _bars(axis, entries: list[dict], backbone: str) -> None:
+    labels = [start_label(e, backbone) if e["model"] != "recformer" else "Recformer itself" for e in entries]
     means = [e["test"]["NDCG@10"]["mean"] for e in entries]
-    stds = [e["test"]["NDCG@10"]["std"] for e in entries]
-    axis.bar(range(len(entries)), means, yerr=stds, capsize=3, color=[f"C{i}" for i in range(len(entries))])
+    stds = [e["test"]["NDCG@10"]["std"] or 0.0 for e in entries]
+    several = [e["test"]["NDCG@10"]["std"] is not None for e in entries]
+    axis.bar(range(len(entries)), means, color=[f"C{i}" for i in range(len(entries))])
+    shown = [i for i in range(len(entries)) if several[i]]
+    axis.errorbar(shown, [means[i] for i in shown], yerr=[stds[i] for i in shown], fmt="none", ecolor="k", capsize=3)
     axis.set_xticks(range(len(entries)), labels, rotation=35, ha="right", fontsize=8)
-    axis.set_ylabel("test NDCG@10 (mean ± std over seeds)")
+    axis.set_ylabel("test NDCG@10 (mean ± std over seeds where n > 1)")
 
 
-def _curves(axis, entries: list[dict]) -> None:
+def _curves(axis, entries: list[dict], backbone: str) -> None:
     for i, entry in enumerate(entries):
         curve = entry["val_ndcg10_mean"]
-        axis.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, color=f"C{i}", label=start_label(entry))
-    axis.set_xlabel("epoch")
+        axis.plot(range(1, len(curve) + 1), curve, color=f"C{i}", label=start_label(entry, backbone))
+        ends = [epochs for epochs in entry["val_epochs"] if epochs]
+        axis.plot(ends, [curve[epochs - 1] for epochs in ends], "x", color=f"C{i}", markersize=7)
+    axis.set_xlabel("epoch (x: a seed's run stopped there; the curve after it averages the seeds left)")
     axis.set_ylabel("validation NDCG@10 (mean over seeds)")
     axis.legend(fontsize=7)
 
 
-def main(args: Args) -> dict:
+def check_flags(args: Args) -> None:
+    """Every flag checked before anything is trained or exported: one line and exit 2 for the first problem."""
     if not args.seeds or not args.models or not args.transforms or not args.sample_sizes:
         raise SystemExit("error: --seeds, --models, --transforms and --sample-sizes each need at least one value")
+    bad_seed = next((seed for seed in args.seeds if not 0 <= seed <= MAX_SEED), None)
+    if bad_seed is not None:
+        raise SystemExit(f"error: --seeds: must be in 0..{MAX_SEED} (got {bad_seed})")
+    if args.pretrained and not Path(args.pretrained).exists():
+        raise SystemExit(f"error: --pretrained: {args.pretrained} not found")
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out: {args.out} is a file, not a grid directory")
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / GRID_FILE).exists():
+        if not (args.out / "results.json").exists():  # grids written before grid.json existed have results.json
+            raise SystemExit(
+                f"error: --out: {args.out} is not empty and holds no grid of reproduce.py ({GRID_FILE}); "
+                "choose an empty or new directory"
+            )
+    try:
+        data = load_dataset(args.data)
+        for sample_size in {*args.sample_sizes, args.finetune_sample_size if args.finetune_epochs else 0}:
+            check_sample_size(data, sample_size)
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def main(args: Args) -> dict:
+    check_flags(args)
     began = time.time()
-    tables = item_tables(args)
-    if tables["longformer"] is None:
+    starts = ["random", "longformer", *(["pretrain"] if args.pretrained else []),
+              *(["finetune"] if args.finetune_epochs > 0 else [])]  # fmt: skip
+    tasks = tasks_of(args, starts)
+    if table_path(args, "longformer").exists():
+        finished_cells(args, starts)  # refuses finished runs made with other settings before anything runs
+    if not args.report_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / GRID_FILE, {"args": args})
+        failed = run_tasks(args, tasks)
+    elif not table_path(args, "longformer").exists():
         raise SystemExit(f"error: --report-only: {args.out} holds no tables/longformer.safetensors yet")
-    data = load_dataset(args.data)
-    table_widths = {start: load_item_embeddings(path, data).shape[1] for start, path in tables.items() if path}
-    width = args.hidden_size or table_widths["longformer"]
-    records, missing = [], []
-    for run in grid(args, ["random", *tables]):
-        run_dir = args.out / "runs" / run.name
-        if args.report_only and not (run_dir / "test_metrics.json").exists():
-            missing.append(run.name)
-            continue
-        settings = stage_args(args, run, run_dir, tables.get(run.start), width, table_widths.get(run.start))
-        if redo_if_crashed(run_dir, run_dir / "test_metrics.json"):
-            print(f"== {run.name}")
-            TRAINERS[run.model].main(settings)
-        check_settings(run_dir, settings)
-        records.append(read_run(run, run_dir))
-    summary = summarise(records)
+    num_items = load_dataset(args.data).num_items
+    done = finished_cells(args, starts)
+    records = [read_run(args, cell, num_items) for cell in done]
+    missing = [cell.name for cell in cells(args, starts) if cell not in done]
+    records += recformer_records(args, num_items) if "finetune" in starts else []
+    if "finetune" in starts and not finished(args.out / "finetune"):
+        missing.append("finetune (Recformer's own rows)")
+    summary = summarise(records) if records else []
     write_json_atomic(
         args.out / "results.json",
-        {"args": args, "width": width, "runs": records, "missing": missing, "summary": summary},
+        {"args": args, "width": model_width(args), "runs": records, "missing": missing, "summary": summary},
     )
-    markdown = results_markdown(summary, records, args, width, missing)
+    markdown = results_markdown(summary, records, args, missing)
     save_atomic(args.out / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
-    plot_results(summary, args.out)
+    if summary:
+        plot_results(summary, args)
     print(markdown)
     print(f"wrote {args.out}/results.md, results.json, test_ndcg10.png, val_ndcg10.png in {time.time() - began:.0f} s")
+    if not args.report_only and failed:
+        raise SystemExit(f"error: {len(failed)} task(s) failed: {', '.join(failed)} (logs in {args.out / 'logs'})")
     return {"runs": records, "summary": summary}
 
 

@@ -59,6 +59,12 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
 
     results = json.loads((out / "results.json").read_text())
     summary = {(e["model"], e["start"], e["transform"]): e for e in results["summary"]}
+    recformer = summary.pop(("recformer", "recformer", "none"))
+    finetuned = json.loads((out / "finetune" / "test_metrics.json").read_text())["by_protocol"]["sampled-20"]
+    assert {m: recformer["test"][m]["mean"] for m in reproduce.TABLE_METRICS} == {
+        m: finetuned[m] for m in reproduce.TABLE_METRICS
+    }  # Recformer's rows are the fine-tuning run's own test metrics
+    assert recformer["users_per_s"] == finetuned["users"] / finetuned["test_seconds"]
     plm_cells = [(start, transform) for start in ("longformer", "finetune") for transform in ("none", "center")]
     cells = [("random", "none"), *plm_cells]
     assert set(summary) == {(model, start, transform) for model in ("sasrec", "bert4rec") for start, transform in cells}
@@ -69,13 +75,15 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
     for (model, start, transform), entry in summary.items():
         ndcg = run_file(model, start, transform, "test_metrics.json")["NDCG@10"]
         random_ndcg = run_file(model, "random", "none", "test_metrics.json")["NDCG@10"]
-        assert entry["test"]["NDCG@10"] == {"mean": pytest.approx(ndcg), "std": 0.0}
+        assert entry["test"]["NDCG@10"] == {"mean": pytest.approx(ndcg), "std": None}  # one seed: n = 1, no std
         assert entry["ndcg10_vs_random"] == pytest.approx(ndcg / random_ndcg - 1)
         config = run_file(model, start, transform, "config.json")
         assert config["init_type"] == ("none" if start == "random" else "plm")
         assert config["init_transform"] == transform and config["sample_size"] == 20
     markdown = (out / "results.md").read_text()
-    assert "| SASRec | longformer (center) |" in markdown and "| BERT4Rec | random |" in markdown
+    assert "| SASRec | tiny, raw (center) | " in markdown and "| BERT4Rec | random | " in markdown
+    assert "| Recformer (fine-tuned) | (the model itself) | " in markdown and "±" not in markdown.split("## ")[1]
+    assert "**11 of 11 runs not converged**" in markdown  # one epoch, patience 10 (fine-tuning 5): all at the cap
 
     stage_calls.clear()
     reproduce.main(args)
@@ -85,9 +93,12 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
     crashed = out / "runs" / "bert4rec-longformer-center-sampled-20-seed42"
     (crashed / "test_metrics.json").unlink()
     (crashed / "stray").write_text("left by a crash")
+    truncated = out / "runs" / "sasrec-random-none-sampled-20-seed42" / "test_metrics.json"
+    truncated.write_text(truncated.read_text()[:20])  # cut by a kill mid-write (not by our atomic writes)
     reproduce.main(args)
-    assert stage_calls == ["train_bert4rec"]
+    assert sorted(stage_calls) == ["train_bert4rec", "train_sasrec"]
     assert not (crashed / "stray").exists() and (crashed / "test_metrics.json").exists()
+    assert json.loads(truncated.read_text())["best_epoch"] == 1
 
     config_file = out / "runs" / "sasrec-random-none-sampled-20-seed42" / "config.json"
     config = json.loads(config_file.read_text())
@@ -131,5 +142,69 @@ def test_report_only_trains_nothing_and_lists_the_missing_runs(synthetic_data, t
     assert stage_calls == [] and (unfinished / "metrics.jsonl").exists()
     assert [(r["start"], r["transform"]) for r in results["runs"]] == [("random", "none")]
     saved = json.loads((out / "results.json").read_text())
-    assert saved["missing"] == ["sasrec-longformer-none-sampled-20-seed42", "sasrec-finetune-none-sampled-20-seed42"]
-    assert "Not finished, so not in the table (2 runs)" in (out / "results.md").read_text()
+    assert saved["missing"] == [
+        "sasrec-longformer-none-sampled-20-seed42", "sasrec-finetune-none-sampled-20-seed42",
+        "finetune (Recformer's own rows)",
+    ]  # fmt: skip
+    assert "Not finished, so not in the table (3 runs)" in (out / "results.md").read_text()
+
+
+def test_parallel_cells_give_the_results_of_one_job(synthetic_data, tmp_path):
+    """--jobs 2 runs the tasks in two worker processes and writes the results.json of --jobs 1, timings aside."""
+    args = dataclasses.replace(tiny_grid(synthetic_data, tmp_path / "one"), models=("sasrec",), transforms=("center",))
+    one = reproduce.main(args)
+    two = reproduce.main(dataclasses.replace(args, out=tmp_path / "two", jobs=2))
+    assert comparable(two) == comparable(one)
+    grid_log = (tmp_path / "two" / "grid.log").read_text()
+    assert "0 of 6 tasks done; 6 to run, 2 at a time with 1 thread(s) each" in grid_log
+    assert "start 1/6 finetune" in grid_log and "done 6/6" not in grid_log.splitlines()[0]
+    assert (tmp_path / "two" / "logs" / "finetune.log").read_text().count("stage 1 epoch 1") == 1
+
+
+TIMINGS = {"train_seconds", "test_seconds", "users_per_s", "run_dir"}
+
+
+def comparable(results: dict):
+    """results (runs and summary) without timings and paths."""
+    if isinstance(results, dict):
+        return {key: comparable(value) for key, value in results.items() if key not in TIMINGS}
+    if isinstance(results, list):
+        return [comparable(value) for value in results]
+    return results
+
+
+def test_not_converged_exactly_when_the_best_epoch_is_within_patience_of_the_cap(synthetic_data, tmp_path):
+    out = tmp_path / "grid"
+    args = dataclasses.replace(
+        tiny_grid(synthetic_data, out), models=("sasrec",), transforms=("none",), finetune_epochs=0, seeds=(42, 43),
+        epochs=3, patience=1,
+    )  # fmt: skip
+    reproduce.main(args)
+    best_epochs = {"random-none-sampled-20-seed42": 2, "random-none-sampled-20-seed43": 3,
+                   "longformer-none-sampled-20-seed42": 3, "longformer-none-sampled-20-seed43": 1}  # fmt: skip
+    for name, epoch in best_epochs.items():  # as if the runs had peaked there: cap 3, patience 1
+        metrics_file = out / "runs" / f"sasrec-{name}" / "test_metrics.json"
+        metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "best_epoch": epoch}))
+    results = reproduce.main(dataclasses.replace(args, report_only=True))
+    assert [(r["seed"], r["converged"]) for r in results["runs"]] == [(42, True), (43, False), (42, False), (43, True)]
+    markdown = (out / "results.md").read_text()
+    assert "**2 of 4 runs not converged**" in markdown
+    assert "| SASRec | random | " in markdown and " | 2 3* | " in markdown and " | 3* 1 | " in markdown
+
+
+def test_flags_and_out_are_checked_before_anything_runs(synthetic_data, tmp_path, stage_calls):
+    args = tiny_grid(synthetic_data, tmp_path / "grid")
+    for changes, message in [
+        (dict(sample_sizes=(20, 500)), "--sample-size"),  # more negatives than the catalogue has
+        (dict(seeds=(42, 2**32)), "--seeds"),
+        (dict(pretrained=str(tmp_path / "missing")), "--pretrained"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            reproduce.main(dataclasses.replace(args, **changes))
+        assert stage_calls == [] and not (tmp_path / "grid").exists()
+    finished_run = tmp_path / "someone's run"
+    finished_run.mkdir()
+    (finished_run / "best.pt").write_text("a finished checkpoint")
+    with pytest.raises(SystemExit, match="holds no grid of reproduce.py"):
+        reproduce.main(dataclasses.replace(args, out=finished_run))
+    assert stage_calls == [] and [p.name for p in finished_run.iterdir()] == ["best.pt"]

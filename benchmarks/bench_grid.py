@@ -1,0 +1,69 @@
+"""Cells per hour of reproduce.py --jobs 2 against --jobs 1 on the same small grid, back to back in one call.
+
+A synthetic dataset (--users users), the tiny backbone, SASRec and BERT4Rec from random and raw-copy tables, two
+seeds: 8 cells of a few seconds to a minute each. --jobs 1 runs them one by one in this process with every core's
+threads; --jobs 2 runs two worker processes of cores // 2 threads. Prints the wall time of each and the ratio of
+their cells per hour (the target on 2 cores: >= 1.8x), and checks that both wrote the same results.
+
+    python benchmarks/bench_grid.py [--users 3000 --epochs 4]
+"""
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import reproduce  # noqa: E402
+from common.data import write_dataset  # noqa: E402
+from prepare_data import synthetic_catalogue  # noqa: E402
+
+
+@dataclass
+class Args:
+    users: int = 3000
+    """Synthetic users (items: users // 10)."""
+    epochs: int = 4
+    """Epochs of every cell (patience as many, so every cell runs all of them)."""
+    jobs: int = 2
+    """The parallel setting compared with --jobs 1."""
+
+
+def timed_grid(grid: reproduce.Args) -> tuple[float, dict]:
+    began = time.perf_counter()
+    reproduce.main(grid)
+    seconds = time.perf_counter() - began
+    return seconds, json.loads((grid.out / "results.json").read_text())
+
+
+def main(args: Args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "synthetic"
+        sequences, meta = synthetic_catalogue(num_users=args.users, num_items=args.users // 10, seed=0)
+        write_dataset(data, sequences, meta)
+        grid = reproduce.Args(
+            data=data, backbone="tiny", out=Path(tmp) / "jobs1", finetune_epochs=0, transforms=("center",),
+            seeds=(42, 43), sample_sizes=(100,), epochs=args.epochs, patience=args.epochs, sasrec_lr=1e-3,
+            bert4rec_lr=1e-3, device="cpu",
+        )  # fmt: skip
+        cells = len(reproduce.cells(grid, ["random", "longformer"]))
+        serial, serial_results = timed_grid(grid)
+        parallel, parallel_results = timed_grid(replace(grid, out=Path(tmp) / f"jobs{args.jobs}", jobs=args.jobs))
+    same = reproduce_comparable(serial_results) == reproduce_comparable(parallel_results)
+    print(f"{cells} cells (+ 1 export), {args.users} users, {args.epochs} epochs each")
+    print(f"--jobs 1: {serial:.1f} s, {3600 * cells / serial:.0f} cells/hour")
+    print(f"--jobs {args.jobs}: {parallel:.1f} s, {3600 * cells / parallel:.0f} cells/hour")
+    print(f"ratio: {serial / parallel:.2f}x cells per hour (target >= 1.8x on 2 cores); same results: {same}")
+
+
+def reproduce_comparable(results: dict) -> list:
+    """The runs' test metrics and curves, without timings and paths."""
+    return [(run["model"], run["start"], run["seed"], run["test"]["NDCG@10"], run["val_ndcg10"]) for run in results["runs"]]
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
