@@ -388,7 +388,8 @@ def run_tasks(args: Args, tasks: list[Task]) -> dict[str, str]:
     number = {task.name: i for i, task in enumerate(tasks, start=1)}
     done = {task.name for task in tasks if task not in pending}
     failed: dict[str, str] = {}
-    running: dict = {}  # future (or None in-process) -> (task, start time)
+    running: dict = {}  # future -> (task, start time)
+    durations: list[float] = []  # seconds of each task finished in this call
 
     def ready(task: Task) -> bool:
         return all(need in done or need not in number for need in task.needs)
@@ -402,11 +403,16 @@ def run_tasks(args: Args, tasks: list[Task]) -> dict[str, str]:
         else:
             failed[task.name] = error
         verb = "done" if error is None else f"FAILED ({error}; see {args.out / 'logs' / task.name}.log)"
-        log.line(f"{verb} {number[task.name]}/{len(tasks)} {task.name} in {time.time() - began:.0f} s")
+        durations.append(time.time() - began)
+        left = len(pending) + len(running)
+        eta = time.strftime("%H:%M", time.localtime(time.time() + np.mean(durations) * left / args.jobs))
+        log.line(f"{verb} {number[task.name]}/{len(tasks)} {task.name} in {durations[-1]:.0f} s; {len(running)} "
+                 f"running, {len(pending)} waiting, ETA {eta} at the mean task time so far")  # fmt: skip
         log.advance(len(running), len(pending))
 
     if args.jobs == 1:
-        for task in pending:
+        for task in list(pending):
+            pending.remove(task)
             if blocked(task):
                 failed[task.name] = "a task it needs failed"
                 continue
