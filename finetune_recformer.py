@@ -48,6 +48,7 @@ table its validation used) and, unless --no-tensorboard, TensorBoard scalars und
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive
@@ -212,6 +213,7 @@ class Run:
     dtype: torch.dtype | None  # autocast dtype; None: float32
     rank: int
     world: int
+    trained: torch.nn.Module  # what training forward passes go through: DDP's wrapper on many processes, else model
     rng: np.random.Generator  # training positions and user order
     val_users: np.ndarray | None  # dataset rows validation scores (--val-users), None: all
     scaler: torch.amp.GradScaler  # loss scaling, enabled for float16 only
@@ -238,20 +240,25 @@ def prepare(
     args: Args, data: SeqDataset, model: RecformerForSeqRec, tokenizer: RecformerTokenizer,
     device: torch.device | None = None, rank: int = 0, world: int = 1,
 ) -> Run:  # fmt: skip
-    """The run's state, the model moved to `device`. With world > 1 (a process group is set up), rank 0's weights
-    are copied to every process, which then keep equal weights: equal averaged gradients, equal optimizer steps."""
+    """The run's state, the model moved to `device`. With world > 1 (a process group is set up) training goes
+    through DistributedDataParallel, which copies rank 0's weights to every process and averages the gradients, so
+    the processes keep equal weights."""
     device = device or resolve_device(args.device)
     dtype = precision(args.dtype, device)
+    model.to(device)
+    # The item table is a buffer every process encodes alike: nothing to broadcast at each forward. The fast
+    # attention never uses key_global.bias (a constant shift of the global row's softmax), so DDP must not wait
+    # for its gradient.
+    trained = model
+    if world > 1:
+        trained = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
     run = Run(
         args=args, data=data, model=model, tokenizer=tokenizer, tokens=dataset_item_tokens(tokenizer, data),
-        device=device, dtype=dtype, rank=rank, world=world, rng=np.random.default_rng(args.seed),
+        device=device, dtype=dtype, rank=rank, world=world, trained=trained, rng=np.random.default_rng(args.seed),
         val_users=validation_subset(data, args.val_users, args.seed),
         scaler=torch.amp.GradScaler(enabled=dtype == torch.float16),
     )  # fmt: skip
-    model.to(device)
     if world > 1:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
         torch.manual_seed(args.seed + rank)  # dropout differs between the processes, as between examples
     return run
 
@@ -312,11 +319,11 @@ def length_groups(run: Run, histories: np.ndarray) -> list[np.ndarray]:
     return token_budget_chunks(lengths, run.token_budget, CALL_TOKENS)
 
 
-def encoder_call(run: Run, histories: np.ndarray) -> torch.Tensor:
-    """Pooled sequence vectors (B, H) of histories (B, L), one encoder call."""
+def encoder_call(run: Run, histories: np.ndarray, model: torch.nn.Module | None = None) -> torch.Tensor:
+    """Pooled sequence vectors (B, H) of histories (B, L), one encoder call through `model` (default run.model)."""
     batch = to_device(build_batch(run.tokens, histories, run.model.config), run.device)
     with autocast(run.device, run.args.dtype):
-        return run.model(**batch)
+        return (model or run.model)(**batch)
 
 
 def sequence_vectors(run: Run, histories: np.ndarray) -> torch.Tensor:
@@ -324,18 +331,6 @@ def sequence_vectors(run: Run, histories: np.ndarray) -> torch.Tensor:
     groups = length_groups(run, histories)
     vectors = torch.cat([encoder_call(run, histories[rows]) for rows in groups])
     return vectors[torch.from_numpy(np.argsort(np.concatenate(groups))).to(run.device)]
-
-
-def average_gradients(model: torch.nn.Module, world: int) -> None:
-    """Replace every trainable parameter's gradient by its mean over the processes, in one all-reduce (a process
-    that saw no example this step contributes zeros)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for param, mean in zip(params, _unflatten_dense_tensors(flat, grads)):
-        param.grad = mean
 
 
 def loss_over_processes(loss_sum: torch.Tensor, examples: int, world: int) -> tuple[float, int]:
@@ -357,7 +352,9 @@ def train_epoch(
     Each step's examples_per_step examples (every world-th of them on this process) run in groups of similar token
     length; each group's mean loss is weighted by its share of the step's examples (times world, as the processes'
     gradients are averaged), so the step's gradient is that of the step's mean loss, however the examples are
-    grouped and shared.
+    grouped and shared. On many processes the groups accumulate gradients under DDP's no_sync() and the last one's
+    backward pass all-reduces them (overlapped with it); a process without examples in a step (the last, short
+    one) still joins that all-reduce, with a zero-weighted pass over one example.
     """
     run.model.train()
     histories, labels = training_examples(run.data, run.max_items, run.rng)  # the same on every process
@@ -369,15 +366,20 @@ def train_epoch(
     for begin in bar:
         step_rows = np.arange(begin, min(begin + per_step, len(labels)))
         local_rows = step_rows[run.rank :: run.world]
-        for rows in length_groups(run, histories[local_rows]) if len(local_rows) else []:
-            rows = local_rows[rows]
+        groups = [local_rows[rows] for rows in length_groups(run, histories[local_rows])] if len(local_rows) else []
+        if not groups and run.world > 1:
+            groups = [step_rows[:1]]  # joins the all-reduce with weight 0 below
+        for number, rows in enumerate(groups, start=1):
+            share = len(rows) * run.world / len(step_rows) if len(local_rows) else 0.0
+            synced = number == len(groups) or run.world == 1
             label = torch.from_numpy(labels[rows]).to(run.device)
-            loss = run.model.loss(encoder_call(run, histories[rows]), label, run.args.finetune_negatives)
-            run.scaler.scale(loss * (len(rows) * run.world / len(step_rows))).backward()
-            total += loss.detach().double() * len(rows)
+            with contextlib.nullcontext() if synced else run.trained.no_sync():
+                pooled = encoder_call(run, histories[rows], run.trained)
+                loss = run.model.loss(pooled, label, run.args.finetune_negatives)
+                run.scaler.scale(loss * share).backward()
+            if share:
+                total += loss.detach().double() * len(rows)
         seen += len(local_rows)
-        if run.world > 1:
-            average_gradients(run.model, run.world)
         run.scaler.step(optimizer)
         run.scaler.update()
         optimizer.zero_grad(set_to_none=True)
