@@ -74,7 +74,7 @@ from common.distributed import (
     rank0_first,
     silence_other_ranks,
 )
-from common.embeddings import EmbeddingFileError, load_item_embeddings, save_item_embeddings
+from common.embeddings import STAGE_TABLE_FILE, EmbeddingFileError, load_item_embeddings, save_item_embeddings
 from common.evaluation import (
     check_sample_size,
     evaluate,
@@ -111,7 +111,6 @@ from common.tokenization_recformer import (
 )
 
 BEST_METRIC = "NDCG@10"
-TABLE_FILE = "item_table.safetensors"
 CALL_TOKENS = 64
 """Padded tokens worth one more encoder call when a batch is cut by token length: on Scientific, examples of one
 optimizer step (16 x 8) then run in about 15 calls instead of 8 with 5% padding instead of 76% (on one CPU thread a
@@ -392,7 +391,7 @@ def save_stage(run: Run, directory: Path) -> None:
     table = run.model.item_table
     save_checkpoint(
         directory, run.model, run.tokenizer,
-        extra=lambda tmp: save_item_embeddings(tmp / TABLE_FILE, table, run.data, str(directory)),
+        extra=lambda tmp: save_item_embeddings(tmp / STAGE_TABLE_FILE, table, run.data, str(directory)),
     )  # fmt: skip
 
 
@@ -401,7 +400,7 @@ def load_stage(run: Run, directory: Path) -> None:
     if run.world > 1:
         dist.barrier()  # rank 0 has finished writing it
     run.model.load_state_dict(load_file(str(directory / "model.safetensors")))
-    run.model.set_item_table(load_item_embeddings(directory / TABLE_FILE, run.data))
+    run.model.set_item_table(load_item_embeddings(directory / STAGE_TABLE_FILE, run.data))
     run.weights_version += 1
     run.table_version = None  # the saved table was encoded at the start of that epoch, by older weights
 

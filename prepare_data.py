@@ -518,7 +518,9 @@ class PlainUnpickler(pickle.Unpickler):
 def _plain_value(path: Path, value, where: str):
     """`value` if it is made of dicts, lists, ints and strings only; else a one-line DatasetError saying where."""
     if isinstance(value, dict):
-        return {_plain_value(path, key, where): _plain_value(path, item, f"{where}[{key!r}]") for key, item in value.items()}
+        return {
+            _plain_value(path, key, where): _plain_value(path, item, f"{where}[{key!r}]") for key, item in value.items()
+        }
     if isinstance(value, list):
         return [_plain_value(path, item, where) for item in value]
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):

@@ -279,27 +279,33 @@ def _check_item_range(path: Path, split: dict[int, list[int]], low: int, high: i
         raise DatasetError(f"{path}: user {user} has item id {item} that is not in smap.json")
 
 
+def read_smap(path: Path) -> tuple[list[str], int]:
+    """(item keys by 1-based id, with "" at 0; the shift that made them 1-based) of an smap.json {key: id}.
+
+    The original Recformer processing numbers items from 0; those ids are shifted by 1 so that 0 is padding.
+    """
+    smap = _id_map(path)
+    shift = 1 if min(smap.values(), default=1) == 0 else 0
+    if sorted(smap.values()) != list(range(1 - shift, len(smap) + 1 - shift)):
+        raise DatasetError(f"{path}: item ids are not contiguous from 1 (or from 0)")
+    item_keys = [""] * (len(smap) + 1)
+    for key, item in smap.items():
+        item_keys[item + shift] = key
+    return item_keys, shift
+
+
 def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
     """Load and validate a dataset directory; raises DatasetError with a one-line message naming the file."""
     path = Path(path)
     if not path.is_dir():
         raise DatasetError(f"{path}: dataset directory not found")
-    smap = _id_map(path / "smap.json")
+    item_keys, shift = read_smap(path / "smap.json")
+    num_items = len(item_keys) - 1
     umap = _id_map(path / "umap.json")
     splits = {name: _split_lists(path / name) for name in SPLIT_FILES}
     train, val, test = (splits[name] for name in SPLIT_FILES)
-
-    # The original Recformer processing numbers items from 0; shift those files so that 0 is padding.
-    zero_based = min(smap.values(), default=1) == 0
-    shift = 1 if zero_based else 0
-    if zero_based and verbose:
+    if shift and verbose:
         print(f"{path}: item ids are 0-based (original Recformer processing); shifting them by +1")
-    num_items = len(smap)
-    if sorted(smap.values()) != list(range(1 - shift, num_items + 1 - shift)):
-        raise DatasetError(f"{path / 'smap.json'}: item ids are not contiguous from 1 (or from 0)")
-    item_keys = [""] * (num_items + 1)
-    for key, item in smap.items():
-        item_keys[item + shift] = key
 
     user_ids = sorted(train)
     if not user_ids:
@@ -495,7 +501,8 @@ def write_dataset(
         if item_meta is not None:
             _write_json(tmp / "meta_data.json", {key: dict(item_meta[key]) for key in smap})
         if numbering_source is not None:
-            _write_json(tmp / NUMBERING_FILE, {"source": numbering_source, "smap_fingerprint": smap_fingerprint(list(smap))})
+            numbering = {"source": numbering_source, "smap_fingerprint": smap_fingerprint(list(smap))}
+            _write_json(tmp / NUMBERING_FILE, numbering)
         if negatives is not None:
             _write_json(tmp / PAPER_NEGATIVES_FILE, negative_ids)
         stats = dataset_stats(load_dataset(tmp, verbose=False))
