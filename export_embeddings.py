@@ -63,7 +63,13 @@ from common.embeddings import (
     save_paper_layout,
 )
 from common.modeling_recformer import RecformerModel, encode_items, set_attention
-from common.run import OutputError, check_output_file, precision, resolve_device, seed_everything
+from common.run import (
+    OutputError,
+    check_output_file,
+    precision,
+    resolve_device,
+    seed_everything,
+)
 from common.tokenization_recformer import dataset_item_tokens, item_texts
 
 
