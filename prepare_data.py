@@ -76,8 +76,9 @@ class Synthetic(Checked):
 
 @dataclass
 class Amazon(Checked):
-    """Import raw Amazon Review Data 2018 files (a 5-core review file and its category's meta file), as the paper's
-    processing does: items need a title; attributes title, brand, category; sequences sorted by review time."""
+    """Import raw Amazon Review Data 2018 files (a 5-core review file and its category's meta file): items need a
+    title; attributes title, brand, category; sequences sorted by review time. Not Recformer's process.py, which
+    keeps a random fifth of the users and no title filter (use `paper` or `recformer` for the paper's data)."""
 
     out: Path
     """output dataset directory"""
