@@ -463,7 +463,12 @@ def import_recformer(args: Recformer) -> dict:
         user: [data.item_keys[i] for i in data.sequence(row)] for row, user in enumerate(data.user_keys)
     }
     meta = None if data.item_text is None else dict(zip(data.item_keys[1:], data.item_text[1:]))
-    return write_dataset(args.out, sequences, meta, item_order=data.item_keys[1:], numbering_source="recformer")
+    negatives = None
+    if data.paper_negatives is not None:  # a dataset `paper` wrote keeps the paper's candidates
+        negatives = {user: [data.item_keys[i] for i in row] for user, row in zip(data.user_keys, data.paper_negatives)}
+    return write_dataset(
+        args.out, sequences, meta, item_order=data.item_keys[1:], numbering_source="recformer", negatives=negatives
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

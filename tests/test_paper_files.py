@@ -196,6 +196,7 @@ def test_recformer_import_keeps_numbering_too(imported, tmp_path):
     run(Recformer(dir=imported.path, out=tmp_path / "again"))
     again = load_dataset(tmp_path / "again")
     assert again.keeps_imported_numbering and again.numbering["source"] == "recformer"
+    assert again.user_keys == imported.user_keys and np.array_equal(again.paper_negatives, imported.paper_negatives)
 
 
 def test_embeddings_smap_refusals(imported, tmp_path):
