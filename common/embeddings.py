@@ -97,13 +97,6 @@ def _rows_by_smap(path: Path, table: torch.Tensor, smap_path: Path, data: SeqDat
     return table[[0] + [row_of[key] for key in data.item_keys[1:]]]
 
 
-def _check_rows(path: Path, table: torch.Tensor, data: SeqDataset) -> None:
-    if table.shape[0] != data.num_items + 1:
-        raise EmbeddingFileError(
-            f"{path}: {table.shape[0]} rows, but {data.path} has {data.num_items} items (+1 padding row)"
-        )
-
-
 def load_item_embeddings(path: Path, data: SeqDataset, rows_smap: Path | None = None) -> torch.Tensor:
     """The validated float32 table (num_items + 1, d) stored at `path` for dataset `data`.
 
@@ -125,7 +118,10 @@ def checked_table(
         raise EmbeddingFileError(f"--embeddings-smap: {path} names its dataset itself; the flag is for bare tensors")
     if rows_smap is not None:
         table = _rows_by_smap(path, table, rows_smap, data)
-    _check_rows(path, table, data)
+    if table.shape[0] != data.num_items + 1:
+        raise EmbeddingFileError(
+            f"{path}: {table.shape[0]} rows, but {data.path} has {data.num_items} items (+1 padding row)"
+        )
     if metadata is None and rows_smap is None and not data.keeps_imported_numbering:
         raise EmbeddingFileError(
             f"{path}: a bare tensor names no items and {data.path} does not keep an imported smap's numbering "
