@@ -247,16 +247,37 @@ def test_export_stored_and_paper_layout(imported, tmp_path):
     assert not torch.allclose(encoded, stored)
 
 
+# RecformerForSeqRec.state_dict() key names, from Recformer/recformer/models.py: RecformerEmbeddings, Hugging Face's
+# LongformerEncoder layers, a pooler without weights; plus the position_ids buffer and item_embedding.
+PAPER_EMBEDDING_KEYS = [
+    "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight", "embeddings.item_position_embeddings.weight",
+    "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias",
+]  # fmt: skip
+PAPER_LAYER_KEYS = [
+    *(f"attention.self.{p}.{w}" for p in ("query", "key", "value", "query_global", "key_global", "value_global")
+      for w in ("weight", "bias")),
+    "attention.output.dense.weight", "attention.output.dense.bias", "attention.output.LayerNorm.weight",
+    "attention.output.LayerNorm.bias", "intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight",
+    "output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias",
+]  # fmt: skip
+
+
 def paper_finetuned_bin(directory, item_num):
-    """The paper's fine-tuned checkpoint: RecformerForSeqRec.state_dict() (Recformer/recformer/models.py), i.e.
-    the encoder under `longformer.` plus `item_embedding.weight`, an nn.Embedding(item_num, hidden) without a
-    padding row; config.json and tokenizer files beside it."""
+    """The paper's fine-tuned checkpoint, RecformerForSeqRec.state_dict(): the encoder under `longformer.` and
+    `item_embedding.weight`, an nn.Embedding(item_num, hidden) without a padding row; config.json and tokenizer
+    files beside it. Key names as listed above; tensors (by the same names) from a tiny model of ours."""
     torch.manual_seed(0)
     texts = [{}] + [{"title": f"lamp {i} red", "brand": f"acme{i % 3}"} for i in range(1, 30)]
     model, tokenizer = load_backbone("tiny", RecformerModel, texts)
     save_checkpoint(directory, model, tokenizer)
+    ours = model.state_dict()
+    names = PAPER_EMBEDDING_KEYS + [
+        f"encoder.layer.{i}.{key}" for i in range(model.config.num_hidden_layers) for key in PAPER_LAYER_KEYS
+    ]
+    state = {f"longformer.{name}": ours[name] for name in names}
+    state["longformer.embeddings.position_ids"] = torch.arange(model.config.max_position_embeddings)[None]
     item_embedding = torch.randn(item_num, model.config.hidden_size)
-    state = {f"longformer.{name}": tensor for name, tensor in model.state_dict().items()}
     state["item_embedding.weight"] = item_embedding
     torch.save(state, directory / "recformer_finetune.bin")
     return directory / "recformer_finetune.bin", item_embedding
@@ -268,6 +289,7 @@ def test_a_paper_finetuned_bin_keeps_its_item_table(imported, tmp_path, capsys):
     load_backbone(str(path), RecformerForSeqRec)
     out = capsys.readouterr().out
     assert "unused" not in out and f"item_embedding.weight: the fine-tuned item table ({len(SMAP)} items)" in out
+    assert "new 0 tensors" in out  # every encoder tensor came from the file
     args = export_embeddings.Args(checkpoint=str(path), data=imported.path, out=tmp_path / "t.safetensors",
                                   table="stored", device="cpu")  # fmt: skip
     export_embeddings.main(args)
