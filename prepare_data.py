@@ -23,6 +23,7 @@ import html
 import json
 import math
 import pickle
+import sys
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
@@ -476,7 +477,7 @@ def import_recformer(args: Recformer) -> dict:
 
 
 NUMPY_SCALAR = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-BYTE_ORDERS = {"<": "little", ">": "big", "|": "little", "=": "little"}
+BYTE_ORDERS = {"<": "little", ">": "big", "|": "little", "=": sys.byteorder}
 
 
 class _IntegerDtype:

@@ -122,17 +122,22 @@ class RunsCode:
         return os.mkdir, (self.marker,)
 
 
-@pytest.mark.parametrize("case", ["code", "float", "tuple", "set"])
+@pytest.mark.parametrize("case", ["code", "float", "tuple", "set", "numpy float", "numpy array"])
 def test_the_unpickler_refuses_anything_but_plain_data(tmp_path, case):
     marker = tmp_path / "code-ran"
-    bad = {"code": RunsCode(marker), "float": 1.5, "tuple": (1, 2), "set": {1, 2}}[case]
+    bad, expected = {
+        "code": (RunsCode(marker), f"refused global {os.mkdir.__module__}.mkdir"),
+        "float": (1.5, "holds a float"),
+        "tuple": ((1, 2), "holds a tuple"),
+        "set": ({1, 2}, "holds a set"),
+        "numpy float": (np.float64(1.5), "refused numpy dtype 'f8'"),
+        "numpy array": (np.arange(3), "refused global numpy"),
+    }[case]
     pkl = paper_pickle(tmp_path / "dataset.pkl", paper_dataset() | {"train": {1: [bad]}})
     with pytest.raises(DatasetError) as refusal:
         run(Paper(pkl=pkl, out=tmp_path / "data"))
     message = str(refusal.value)
-    assert message.startswith(f"{pkl}: ") and "\n" not in message
-    expected = f"refused global {os.mkdir.__module__}.mkdir" if case == "code" else f"holds a {type(bad).__name__}"
-    assert expected in message
+    assert message.startswith(f"{pkl}: ") and "\n" not in message and expected in message
     assert not marker.exists() and not (tmp_path / "data").exists()
 
 
