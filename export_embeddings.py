@@ -13,12 +13,21 @@ config.json of the checkpoint's parent, a fine-tuning or pre-training run direct
 fine-tuning trained stage 2 against; elsewhere "auto". An explicit --dtype overrides both.
 
 Output: a safetensors file with tensor `item_embeddings` (items + 1, d), row 0 zeros, and metadata naming the dataset
-fingerprint, the checkpoint and the dimension (common/embeddings.py); written atomically.
+fingerprint, the checkpoint and the dimension (common/embeddings.py); written atomically. `--format torch` writes the
+paper's layout instead: torch.save of the bare float32 tensor, rows in the dataset's id order, which the paper's
+SASRec and BERT4Rec read as is.
+
+`--table stored` writes the table stored with the checkpoint instead of encoding one: a fine-tuning stage
+directory's item_table.safetensors (the table that stage's validation used; for stage 1, encoded at the start of the
+best epoch: the paper's "finetune" table, which is `item_embedding.weight` of its best stage-1 checkpoint), or a
+paper fine-tuned .bin's `item_embedding.weight`. The default re-encodes every item with the checkpoint's encoder;
+reproduce.py uses the default.
 
 Many processes (torchrun --nproc_per_node N, or the deepspeed launcher): every process encodes a share of the items
 and the shares are all-reduced into the same table as one process encodes; rank 0 writes the file.
 
     python export_embeddings.py --checkpoint runs/finetune/<run>/stage1 --data data/synthetic
+    python export_embeddings.py --checkpoint runs/finetune/<run>/stage1 --table stored --format torch --out t.pt
     torchrun --nproc_per_node 8 export_embeddings.py --checkpoint runs/finetune/<run>/stage1 --data data/scientific
 """
 
@@ -33,8 +42,8 @@ from typing import Annotated, Literal, get_args
 import torch
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputFile, Positive
-from common.convert_recformer import BackboneError, load_backbone
-from common.data import DatasetError, load_dataset
+from common.convert_recformer import BackboneError, load_backbone, paper_item_table
+from common.data import DatasetError, SeqDataset, load_dataset
 from common.distributed import (
     LaunchError,
     init_distributed,
@@ -44,9 +53,23 @@ from common.distributed import (
     rank0_first,
     silence_other_ranks,
 )
-from common.embeddings import EmbeddingFileError, default_embeddings_path, save_item_embeddings
+from common.embeddings import (
+    STAGE_TABLE_FILE,
+    EmbeddingFileError,
+    checked_table,
+    default_embeddings_path,
+    load_item_embeddings,
+    save_item_embeddings,
+    save_paper_layout,
+)
 from common.modeling_recformer import RecformerModel, encode_items, set_attention
-from common.run import OutputError, check_output_file, precision, resolve_device, seed_everything
+from common.run import (
+    OutputError,
+    check_output_file,
+    precision,
+    resolve_device,
+    seed_everything,
+)
 from common.tokenization_recformer import dataset_item_tokens, item_texts
 
 
@@ -58,9 +81,15 @@ class Args(Checked):
     data: Path = Path("data/synthetic")
     """Dataset directory with item text (written by prepare_data.py)."""
     out: Annotated[Path | None, OutputFile] = None
-    """Output file; default <data>/embeddings/plm.safetensors."""
+    """Output file; default <data>/embeddings/plm.safetensors (plm.pt with --format torch)."""
     overwrite: bool = False
     """Replace an existing --out file (by default an existing table is refused, never silently replaced)."""
+    format: Literal["safetensors", "torch"] = "safetensors"
+    """"safetensors": ours, with the dataset's fingerprint; "torch": the paper's layout (torch.save of a bare float32
+    tensor (items + 1, d), row 0 zeros, rows in the dataset's id order), for the paper's SASRec / BERT4Rec."""
+    table: Literal["encode", "stored"] = "encode"
+    """"encode": encode every item with --checkpoint's encoder; "stored": the item table stored with --checkpoint
+    (a fine-tuning stage directory's item_table.safetensors, or a paper fine-tuned .bin's item_embedding.weight)."""
     batch_size: Annotated[int, Positive] = 64
     """Items per forward pass (items are sorted by token count, so batches carry little padding)."""
     device: Annotated[str, Device] = "auto"
@@ -90,12 +119,37 @@ def run_dtype(checkpoint: str) -> Dtype | None:
     return dtype if dtype in get_args(Dtype) else None
 
 
+def stored_table(checkpoint: str, data: SeqDataset) -> torch.Tensor:
+    """(items + 1, d) the item table stored with `checkpoint` (see --table), validated for `data`."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return load_item_embeddings(path / STAGE_TABLE_FILE, data)
+    if path.suffix == ".bin" and path.is_file():
+        stored = paper_item_table(path).float()
+        # The paper's table has no padding row; its rows follow the smap, as a bare tensor's do.
+        return checked_table(path, torch.cat([stored.new_zeros(1, stored.shape[1]), stored]), None, data)
+    raise BackboneError(f"--table stored: {checkpoint} is neither a fine-tuning stage directory nor a paper .bin")
+
+
+def write_table(out: Path, table: torch.Tensor, data: SeqDataset, args: Args) -> None:
+    if args.format == "torch":
+        save_paper_layout(out, table)
+    else:
+        save_item_embeddings(out, table, data, args.checkpoint)
+
+
 def main(args: Args) -> None:
     seed_everything(args.seed)
-    out = args.out or default_embeddings_path(args.data)
+    suffix = ".pt" if args.format == "torch" else ".safetensors"
+    out = args.out or default_embeddings_path(args.data).with_suffix(suffix)
     try:
         check_output_file(out, args.overwrite)
         data = load_dataset(args.data)
+        if args.table == "stored":
+            table = stored_table(args.checkpoint, data)
+            write_table(out, table, data, args)
+            print(f"wrote {out}: the table stored with {args.checkpoint}, {data.num_items} items x {table.shape[1]}")
+            return
         if launched_processes() > 1:
             rank, world, device = init_distributed(args.device)
         else:
@@ -116,7 +170,7 @@ def main(args: Args) -> None:
     )
     seconds = time.time() - began
     if rank == 0:
-        save_item_embeddings(out, table, data, args.checkpoint)
+        write_table(out, table, data, args)
     print(f"wrote {out}: {data.num_items} items x {table.shape[1]} in {seconds:.1f} s, "
           f"{data.num_items / seconds:.1f} items/s on {world} process(es)")
 

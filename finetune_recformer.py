@@ -75,7 +75,7 @@ from common.distributed import (
     rank0_first,
     silence_other_ranks,
 )
-from common.embeddings import EmbeddingFileError, load_item_embeddings, save_item_embeddings
+from common.embeddings import STAGE_TABLE_FILE, EmbeddingFileError, load_item_embeddings, save_item_embeddings
 from common.evaluation import (
     check_sample_size,
     evaluate,
@@ -114,7 +114,6 @@ from common.tokenization_recformer import (
 )
 
 BEST_METRIC = "NDCG@10"
-TABLE_FILE = "item_table.safetensors"
 RESUME_FILE = "resume.pt"
 RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "tensorboard", "test_sample_sizes"}
 """Flags a resumed run may change: where it writes, what it logs and which protocols it tests under."""
@@ -421,7 +420,7 @@ def save_stage(run: Run, directory: Path) -> None:
     table = run.model.item_table
     save_checkpoint(
         directory, run.model, run.tokenizer,
-        extra=lambda tmp: save_item_embeddings(tmp / TABLE_FILE, table, run.data, str(directory)),
+        extra=lambda tmp: save_item_embeddings(tmp / STAGE_TABLE_FILE, table, run.data, str(directory)),
     )  # fmt: skip
 
 
@@ -430,7 +429,7 @@ def load_stage(run: Run, directory: Path) -> None:
     if run.world > 1:
         dist.barrier()  # rank 0 has finished writing it
     run.model.load_state_dict(load_file(str(directory / "model.safetensors")))
-    run.model.set_item_table(load_item_embeddings(directory / TABLE_FILE, run.data))
+    run.model.set_item_table(load_item_embeddings(directory / STAGE_TABLE_FILE, run.data))
     run.weights_version += 1
     run.table_version = None  # the saved table was encoded at the start of that epoch, by older weights
 
@@ -635,7 +634,7 @@ def main(args: Args) -> Run:
     for sample_size in dict.fromkeys((args.sample_size, *args.test_sample_sizes)):
         began = time.time()
         metrics = evaluate_split(run, "test", sample_size)
-        by_protocol[metrics["protocol"]] = {**metrics, "test_seconds": time.time() - began}
+        by_protocol[protocol(sample_size)] = {**metrics, "test_seconds": time.time() - began}
         print(result_line(f"test, stage {stage} model" if stage else "test, zero-shot", metrics))
     test = next(iter(by_protocol.values()))  # --sample-size's
     if run.rank == 0:

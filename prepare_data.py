@@ -6,6 +6,7 @@ One subcommand per source:
     python prepare_data.py amazon --reviews X_5.json.gz --meta meta_X.json.gz --out data/X
     python prepare_data.py amazon --category Industrial_and_Scientific --out data/scientific   # downloads
     python prepare_data.py recformer --dir processed/Scientific --out data/scientific
+    python prepare_data.py paper --pkl dataset.pkl --negatives random-sample_size100-seed98765.pkl --out data/X
     python prepare_data.py lcrec --inter X.inter.json --items X.item.json --out data/X
     python prepare_data.py unisrec --dir dataset/Scientific --name Scientific --out data/scientific_unisrec
     python prepare_data.py recbole --dir ml-100k --name ml-100k --out data/ml-100k
@@ -21,6 +22,8 @@ import gzip
 import html
 import json
 import math
+import pickle
+import sys
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
@@ -38,7 +41,9 @@ from common.data import (
     SeqDataset,
     check_replaceable,
     has_text,
+    item_attributes,
     load_dataset,
+    read_json,
     write_dataset,
 )
 from common.run import progress, save_atomic
@@ -72,8 +77,9 @@ class Synthetic(Checked):
 
 @dataclass
 class Amazon(Checked):
-    """Import raw Amazon Review Data 2018 files (a 5-core review file and its category's meta file), as the paper's
-    processing does: items need a title; attributes title, brand, category; sequences sorted by review time."""
+    """Import raw Amazon Review Data 2018 files (a 5-core review file and its category's meta file): items need a
+    title; attributes title, brand, category; sequences sorted by review time. Not Recformer's process.py, which
+    keeps a random fifth of the users and no title filter (use `paper` or `recformer` for the paper's data)."""
 
     out: Path
     """output dataset directory"""
@@ -104,6 +110,27 @@ class Recformer(Checked):
     """output dataset directory"""
     overwrite: bool = False
     """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
+
+
+@dataclass
+class Paper(Checked):
+    """Import the paper's ID-model data: `dataset.pkl` (a pickled dict: train {uid: [sid, ...]}, val {uid: [sid]},
+    test {uid: [sid]}, smap {original item id: sid}, optional umap), ids kept as the paper numbers them (1..n). The
+    pickles are read by a restricted unpickler that builds only dicts, lists, ints and strings (numpy integers, which
+    the paper's negative sampler writes, become ints); any other object is refused and nothing in the file runs."""
+
+    pkl: Path
+    """the paper's dataset.pkl"""
+    out: Path
+    """output dataset directory"""
+    overwrite: bool = False
+    """replace --out even when it is not a dataset this tool wrote (deleting everything in it)"""
+    negatives: Path | None = None
+    """the paper's negatives cache beside it, e.g. random-sample_size100-seed98765.pkl ({uid: [sid, ...]}); stored
+    in the dataset, so that --sample-size N (N = negatives per user) scores exactly these candidates in every stage"""
+    meta: Path | None = None
+    """Recformer's meta_data.json ({original item id: {attribute: text}}, keyed like the pickle's smap) for item
+    text; without it the dataset is ID-only"""
 
 
 @dataclass
@@ -179,6 +206,7 @@ Command = Union[
     Annotated[Synthetic, tyro.conf.subcommand("synthetic")],
     Annotated[Amazon, tyro.conf.subcommand("amazon")],
     Annotated[Recformer, tyro.conf.subcommand("recformer")],
+    Annotated[Paper, tyro.conf.subcommand("paper")],
     Annotated[Lcrec, tyro.conf.subcommand("lcrec")],
     Annotated[Unisrec, tyro.conf.subcommand("unisrec")],
     Annotated[Recbole, tyro.conf.subcommand("recbole")],
@@ -436,7 +464,166 @@ def import_recformer(args: Recformer) -> dict:
         user: [data.item_keys[i] for i in data.sequence(row)] for row, user in enumerate(data.user_keys)
     }
     meta = None if data.item_text is None else dict(zip(data.item_keys[1:], data.item_text[1:]))
-    return write_dataset(args.out, sequences, meta, item_order=data.item_keys[1:])
+    negatives = None
+    if data.paper_negatives is not None:  # a dataset `paper` wrote keeps the paper's candidates
+        negatives = {user: [data.item_keys[i] for i in row] for user, row in zip(data.user_keys, data.paper_negatives)}
+    return write_dataset(
+        args.out, sequences, meta, item_order=data.item_keys[1:], numbering_source="recformer", negatives=negatives
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# paper
+
+
+NUMPY_SCALAR = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+BYTE_ORDERS = {"<": "little", ">": "big", "|": "little", "=": sys.byteorder}
+
+
+class _IntegerDtype:
+    """Stands in for numpy.dtype while unpickling: only integer codes ("i8", "u4", ...) are accepted."""
+
+    def __init__(self, code, align=False, copy=True):
+        if not (isinstance(code, str) and len(code) == 2 and code[0] in "iu" and code[1] in "1248"):
+            raise pickle.UnpicklingError(f"refused numpy dtype {code!r} (only integer scalars are read)")
+        self.signed, self.size, self.order = code[0] == "i", int(code[1]), "little"
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) > 1 and state[1] in BYTE_ORDERS):
+            raise pickle.UnpicklingError("refused numpy dtype state")
+        self.order = BYTE_ORDERS[state[1]]
+
+
+def _integer_scalar(dtype, data):
+    """numpy.core.multiarray.scalar for integer dtypes: the Python int its bytes hold."""
+    if not (isinstance(dtype, _IntegerDtype) and isinstance(data, bytes) and len(data) == dtype.size):
+        raise pickle.UnpicklingError("refused numpy scalar (only integer scalars are read)")
+    return int.from_bytes(data, dtype.order, signed=dtype.signed)
+
+
+def _latin1_bytes(text, encoding):
+    """_codecs.encode as protocol-2 pickles of numpy scalars use it: latin-1 text to bytes, nothing else."""
+    if not (isinstance(text, str) and encoding == "latin1"):
+        raise pickle.UnpicklingError("refused _codecs.encode (only latin1 text is read)")
+    return text.encode("latin1")
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Builds nothing but pickle's own containers and numpy integer scalars (as ints): every other global is
+    refused before it is looked up, so no code in the file runs."""
+
+    def find_class(self, module, name):
+        if (module, name) in NUMPY_SCALAR:
+            return _integer_scalar
+        if (module, name) == ("numpy", "dtype"):
+            return _IntegerDtype
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def _plain_value(path: Path, value, where: str):
+    """`value` if it is made of dicts, lists, ints and strings only; else a one-line DatasetError saying where."""
+    if isinstance(value, dict):
+        return {
+            _plain_value(path, key, where): _plain_value(path, item, f"{where}[{key!r}]") for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_plain_value(path, item, where) for item in value]
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise DatasetError(f"{path}: {where} holds a {type(value).__name__}; only dicts, lists, ints and strings are read")
+
+
+def read_plain_pickle(path: Path):
+    """The pickle at `path`, built by PlainUnpickler and checked by _plain_value; every problem is one line."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            value = PlainUnpickler(f).load()
+    except pickle.UnpicklingError as error:
+        raise DatasetError(f"{path}: {error}; nothing in it was run") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise DatasetError(f"{path}: not a readable pickle ({type(error).__name__})") from None
+    return _plain_value(path, value, "the pickle")
+
+
+def _numbered(path: Path, mapping, what: str) -> dict:
+    """{key: id} whose ids are exactly 1..n, as the paper numbers items and users."""
+    if not isinstance(mapping, dict) or not all(isinstance(i, int) for i in mapping.values()):
+        raise DatasetError(f"{path}: {what} is not a dict of integer ids")
+    if sorted(mapping.values()) != list(range(1, len(mapping) + 1)):
+        raise DatasetError(f"{path}: {what} ids are not 1..{len(mapping)}")
+    return mapping
+
+
+def _paper_split(path: Path, dataset: dict, name: str, targets: bool) -> dict[int, list[int]]:
+    """dataset[name] as {uid: [sid, ...]}, one sid per user when `targets` (the paper's val and test)."""
+    split = dataset.get(name)
+    if not isinstance(split, dict) or not all(isinstance(seq, list) for seq in split.values()):
+        raise DatasetError(f"{path}: {name!r} is not a dict {{user id: [item id, ...]}}")
+    bad = next((user for user, seq in split.items() if not seq or (targets and len(seq) != 1)), None)
+    if bad is not None:
+        raise DatasetError(f"{path}: user {bad!r} of {name!r} has {len(split[bad])} items, expected "
+                           + ("1" if targets else "at least 1"))
+    return split
+
+
+def build_paper(args: Paper) -> dict:
+    """Write the dataset with the pickle's numbering (items 1..n in smap order, users by uid) and return its stats."""
+    dataset = read_plain_pickle(args.pkl)
+    if not isinstance(dataset, dict):
+        raise DatasetError(f"{args.pkl}: holds a {type(dataset).__name__}, expected the paper's dataset dict")
+    smap = _numbered(args.pkl, dataset.get("smap"), "'smap'")
+    item_keys = {sid: str(key) for key, sid in smap.items()}
+    if len(set(item_keys.values())) != len(item_keys):
+        raise DatasetError(f"{args.pkl}: two smap keys read as the same item id")
+    train, val, test = (_paper_split(args.pkl, dataset, name, name != "train") for name in ("train", "val", "test"))
+    users = sorted(train)
+    if users != list(range(1, len(users) + 1)):
+        raise DatasetError(f"{args.pkl}: 'train' user ids are not 1..{len(users)}")
+    unlike = next((name for name, split in (("val", val), ("test", test)) if sorted(split) != users), None)
+    if unlike is not None:  # a user without both targets would be re-split by write_dataset
+        raise DatasetError(f"{args.pkl}: {unlike!r} has not one target for every user of 'train'")
+    user_keys = {uid: str(uid) for uid in users}
+    if "umap" in dataset:
+        user_keys = {uid: str(key) for key, uid in _numbered(args.pkl, dataset["umap"], "'umap'").items()}
+    unknown = next((sid for u in users for sid in (*train[u], *val[u], *test[u]) if sid not in item_keys), None)
+    if unknown is not None:
+        raise DatasetError(f"{args.pkl}: item id {unknown!r} is not in 'smap'")
+    sequences = {user_keys[u]: [item_keys[sid] for sid in (*train[u], *val[u], *test[u])] for u in users}
+    order = [item_keys[sid] for sid in range(1, len(item_keys) + 1)]
+    meta = None if args.meta is None else _paper_meta(args.meta, order)
+    negatives = None if args.negatives is None else _paper_negatives(args.negatives, users, user_keys, item_keys)
+    stats = write_dataset(args.out, sequences, meta, order, numbering_source="paper", negatives=negatives)
+    if negatives is not None:
+        count = len(next(iter(negatives.values())))
+        print(f"{args.out}: stores the paper's negatives; --sample-size {count} scores exactly these candidates")
+    return stats
+
+
+def _paper_meta(path: Path, item_keys: list[str]) -> ItemMeta:
+    """Recformer's meta_data.json entries of the smap's items (other entries are ignored, as Recformer does)."""
+    meta = read_json(path)
+    missing = next((key for key in item_keys if key not in meta), None)
+    if missing is not None:
+        raise DatasetError(f"{path}: item {missing!r} of the pickle's smap has no entry")
+    return {key: item_attributes(path, key, meta[key]) for key in item_keys}
+
+
+def _paper_negatives(path: Path, users: list[int], user_keys: dict, item_keys: dict) -> dict[str, list[str]]:
+    """{user key: [item key, ...]} from the paper's {uid: [sid, ...]}, one list for every user."""
+    negatives = read_plain_pickle(path)
+    if not isinstance(negatives, dict) or not all(isinstance(seq, list) for seq in negatives.values()):
+        raise DatasetError(f"{path}: expected the paper's negatives {{user id: [item id, ...]}}")
+    missing = next((u for u in users if u not in negatives), None)
+    if missing is not None or len(negatives) != len(users):
+        raise DatasetError(f"{path}: negatives are not given for exactly the users of the dataset (user {missing})")
+    unknown = next((sid for seq in negatives.values() for sid in seq if sid not in item_keys), None)
+    if unknown is not None:
+        raise DatasetError(f"{path}: item id {unknown!r} is not in the smap")
+    return {user_keys[u]: [item_keys[sid] for sid in negatives[u]] for u in users}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -707,6 +894,8 @@ def run(args: Command) -> dict:
         stats = build_pretrain_corpus(args)
     elif isinstance(args, Recformer):
         stats = import_recformer(args)
+    elif isinstance(args, Paper):
+        stats = build_paper(args)
     else:
         sequences, item_meta = DATASET_BUILDERS[type(args)](args)
         stats = write_dataset(args.out, sequences, item_meta)

@@ -55,6 +55,7 @@ import train_bert4rec
 import train_sasrec
 from common.cli import Checked, Device, NonNegative, Positive, parse
 from common.data import DatasetError, load_dataset
+from common.embeddings import STAGE_TABLE_FILE
 from common.evaluation import check_sample_size, protocol
 from common.run import progress, save_atomic, write_json_atomic
 
@@ -510,7 +511,7 @@ def recformer_records(args: Args, num_items: int) -> list[dict]:
     stage = run_dir / f"stage{test['stage']}" / "model.safetensors"
     with safe_open(str(stage), framework="pt") as weights:
         encoder = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in weights.keys())
-    width = table_width(run_dir / f"stage{test['stage']}" / finetune_recformer.TABLE_FILE)
+    width = table_width(run_dir / f"stage{test['stage']}" / STAGE_TABLE_FILE)
     records = []
     for sample_size in args.sample_sizes:
         metrics = test.get("by_protocol", {}).get(protocol(sample_size))

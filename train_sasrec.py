@@ -70,6 +70,10 @@ class Args(Checked):
     """Item table start: "none" = Xavier-normal random, "plm" = the vectors in --embeddings."""
     embeddings: Path | None = None
     """PLM item-embedding file (ours, or the paper's torch-saved tensor); default <data>/embeddings/plm.safetensors."""
+    embeddings_smap: Path | None = None
+    """smap.json ({item key: id}) whose numbering the rows of a bare-tensor --embeddings file (the paper's) follow;
+    the rows are reordered to this dataset's ids. Not needed for datasets imported by prepare_data.py paper or
+    recformer from that smap."""
     project: Literal["none", "pca"] = "none"
     """"pca" reduces PLM vectors wider than --hidden-size by PCA over the items; "none" requires equal sizes."""
     init_transform: Literal["none", "center", "whiten"] = "none"
@@ -336,6 +340,7 @@ def main(args: Args) -> dict[str, float]:
             args.project,
             args.init_transform,
             lambda dim: xavier_item_std(data.num_items, dim),
+            args.embeddings_smap,
         )
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:

@@ -10,7 +10,8 @@ when the source has none; positions moved to the RoBERTa offset (row pad + 1 = f
 max_token_num; the 4-row token-type table starts as the source's segment-0 row (which the source adds to every
 token); item positions are new; the LM head is copied when present (decoder tied to the word embeddings when the
 source ties them). The paper's `.bin` files take config and tokenizer from config.json and tokenizer files beside
-them, else from allenai/longformer-base-4096 (network or local Hugging Face cache).
+them, else from allenai/longformer-base-4096 (network or local Hugging Face cache); a fine-tuned file's item table
+is kept in it for `export_embeddings.py --table stored`, not copied.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ ENCODER_FAMILIES = {"bert", "electra", *ROBERTA_STYLE} - {"recformer"}  # the BE
 ENCODER_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                   "max_position_embeddings")  # fmt: skip
 PAPER_PREFIXES = ("_forward_module.model.", "model.")
+PAPER_BASE = "allenai/longformer-base-4096"  # config and tokenizer of the paper's .bin files
+PAPER_ITEM_TABLE = "item_embedding.weight"  # RecformerForSeqRec's item table in the paper's fine-tuned files
 SOURCE_HEADS = {  # Hugging Face LM-head names -> Longformer LM head
     "lm_head.dense.": "lm_head.dense.",
     "lm_head.layer_norm.": "lm_head.layer_norm.",
@@ -295,18 +298,46 @@ def _from_checkpoint(directory: Path, model_class) -> tuple[nn.Module, Recformer
 
 
 def _from_paper_file(path: Path, model_class) -> tuple[nn.Module, RecformerTokenizer]:
-    """Case 4: the paper's torch-saved state dicts, with config and tokenizer from the file's folder or the hub."""
-    base = path.parent if (path.parent / "config.json").exists() else "allenai/longformer-base-4096"
-    state = _torch_state_dict(path)
+    """Case 4: the paper's torch-saved state dicts, with config and tokenizer from the file's folder or the hub.
+
+    A fine-tuned file's `item_embedding.weight` (RecformerForSeqRec's item table) is no encoder weight: it is left
+    out of the copy and named as the stored table that `export_embeddings.py --table stored` writes.
+    """
+    beside = (path.parent / "config.json").exists()
+    base = path.parent if beside else PAPER_BASE
+    state = _paper_names(_torch_state_dict(path))
     # Checked before the config and tokenizer, which may come from the hub: a wrong file fails at once.
     if not any(name.endswith("embeddings.word_embeddings.weight") for name in state):
         raise BackboneError(f"{path}: no word_embeddings tensor; not a Recformer/Longformer state dict")
-    tokenizer = _hf_tokenizer(base)
-    source_config = _base_config(base)
+    try:
+        tokenizer = _hf_tokenizer(base)
+        source_config = _base_config(base)
+    except BackboneError as error:
+        if beside:
+            raise
+        raise BackboneError(
+            f"{path}: no config.json beside it and {error}; put config.json and the tokenizer files of {PAPER_BASE} "
+            "next to the .bin"
+        ) from None
     config = _config_from_source(source_config, tokenizer)
     model = model_class(config)
-    copy_weights(model, _paper_names(state), str(path), {})
+    notes = {}
+    stored = state.pop(PAPER_ITEM_TABLE, None)
+    if stored is not None:
+        notes[PAPER_ITEM_TABLE] = (
+            f"the fine-tuned item table ({stored.shape[0]} items), kept in the file: export_embeddings.py "
+            "--table stored writes it"
+        )
+    copy_weights(model, state, str(path), notes)
     return model, RecformerTokenizer(tokenizer, config)
+
+
+def paper_item_table(path: Path) -> torch.Tensor:
+    """(items, d) `item_embedding.weight` of the paper's fine-tuned .bin (no padding row), or a BackboneError."""
+    stored = _paper_names(_torch_state_dict(path)).get(PAPER_ITEM_TABLE)
+    if stored is None or stored.dim() != 2:
+        raise BackboneError(f"{path}: no {PAPER_ITEM_TABLE} table; not a fine-tuned Recformer (RecformerForSeqRec)")
+    return stored
 
 
 def _base_config(base: str | Path) -> dict:

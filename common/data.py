@@ -9,6 +9,9 @@ A dataset is a directory in the layout of Recformer's processed fine-tuning data
     umap.json   {original user key: user_id}
     meta_data.json {original item key: {attribute: text, ...}}   (optional: absent for ID-only datasets)
     stats.json  summary written by `write_dataset`
+    numbering.json  {"source": importer, "smap_fingerprint": ...}   (optional: the item numbering is an imported
+                smap's, so the paper's bare-tensor embedding files fit it; see common/embeddings.py)
+    paper_negatives.json {user_id: [item_id, ...]}   (optional: the paper's sampled evaluation negatives)
 
 Item ids we write are 1-based; 0 is padding. Files written by the original Recformer processing are 0-based and are
 shifted on load. In memory every user's full sequence (train + val + test) lives in one CSR pair (`Sequences`:
@@ -35,6 +38,9 @@ SPLIT_FILES = ("train.json", "val.json", "test.json")
 DATASET_FILES = (*SPLIT_FILES, "smap.json", "umap.json", "stats.json")
 CORPUS_FILES = ("train.json", "dev.json", "meta_data.json", "stats.json")
 CACHE_DIRS = ("negatives", "recformer_tokens")  # what the stages add to a dataset; rebuilt when missing
+NUMBERING_FILE = "numbering.json"
+PAPER_NEGATIVES_FILE = "paper_negatives.json"
+OPTIONAL_DATASET_FILES = ("meta_data.json", NUMBERING_FILE, PAPER_NEGATIVES_FILE)
 
 
 class DatasetError(ValueError):
@@ -118,6 +124,10 @@ class SeqDataset(Sequences):
     """(num_users,) bool: the user has a test target (the item right after the validation target)."""
     item_text: list[dict[str, str]] | None
     """item_text[i] holds item i's attributes in file order ([0] = {}); None for ID-only datasets."""
+    numbering: dict | None = None
+    """numbering.json: which importer kept an imported smap's item numbering, and that smap's fingerprint."""
+    paper_negatives: np.ndarray | None = None
+    """(num_users, N) int64 evaluation negatives stored with the dataset (paper_negatives.json), or None."""
 
     @property
     def name(self) -> str:
@@ -138,8 +148,13 @@ class SeqDataset(Sequences):
     @property
     def fingerprint(self) -> str:
         """Hash of the item keys in id order: an embedding table made for one dataset fits another only if equal."""
-        digest = hashlib.sha256("\n".join(self.item_keys[1:]).encode("utf-8"))
-        return digest.hexdigest()[:16]
+        return smap_fingerprint(self.item_keys[1:])
+
+    @property
+    def keeps_imported_numbering(self) -> bool:
+        """The items are numbered as the smap they were imported from (numbering.json), and still are: the rows of
+        a table made for that smap (the paper's bare tensors) are this dataset's items."""
+        return self.numbering is not None and self.numbering.get("smap_fingerprint") == self.fingerprint
 
     @functools.cached_property
     def content_fingerprint(self) -> str:
@@ -179,6 +194,11 @@ class SeqDataset(Sequences):
             raise ValueError(f"split must be 'val' or 'test', not {split!r}")
         targets = self.items[self.offsets[rows] + ends]
         return rows, self.left_padded(rows, ends, length), targets
+
+
+def smap_fingerprint(keys_in_id_order: Sequence[str]) -> str:
+    """Hash of an smap's item keys in id order (SeqDataset.fingerprint of a dataset numbered by it)."""
+    return hashlib.sha256("\n".join(keys_in_id_order).encode("utf-8")).hexdigest()[:16]
 
 
 def _reject_duplicate_keys(pairs):
@@ -259,27 +279,33 @@ def _check_item_range(path: Path, split: dict[int, list[int]], low: int, high: i
         raise DatasetError(f"{path}: user {user} has item id {item} that is not in smap.json")
 
 
+def read_smap(path: Path) -> tuple[list[str], int]:
+    """(item keys by 1-based id, with "" at 0; the shift that made them 1-based) of an smap.json {key: id}.
+
+    The original Recformer processing numbers items from 0; those ids are shifted by 1 so that 0 is padding.
+    """
+    smap = _id_map(path)
+    shift = 1 if min(smap.values(), default=1) == 0 else 0
+    if sorted(smap.values()) != list(range(1 - shift, len(smap) + 1 - shift)):
+        raise DatasetError(f"{path}: item ids are not contiguous from 1 (or from 0)")
+    item_keys = [""] * (len(smap) + 1)
+    for key, item in smap.items():
+        item_keys[item + shift] = key
+    return item_keys, shift
+
+
 def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
     """Load and validate a dataset directory; raises DatasetError with a one-line message naming the file."""
     path = Path(path)
     if not path.is_dir():
         raise DatasetError(f"{path}: dataset directory not found")
-    smap = _id_map(path / "smap.json")
+    item_keys, shift = read_smap(path / "smap.json")
+    num_items = len(item_keys) - 1
     umap = _id_map(path / "umap.json")
     splits = {name: _split_lists(path / name) for name in SPLIT_FILES}
     train, val, test = (splits[name] for name in SPLIT_FILES)
-
-    # The original Recformer processing numbers items from 0; shift those files so that 0 is padding.
-    zero_based = min(smap.values(), default=1) == 0
-    shift = 1 if zero_based else 0
-    if zero_based and verbose:
+    if shift and verbose:
         print(f"{path}: item ids are 0-based (original Recformer processing); shifting them by +1")
-    num_items = len(smap)
-    if sorted(smap.values()) != list(range(1 - shift, num_items + 1 - shift)):
-        raise DatasetError(f"{path / 'smap.json'}: item ids are not contiguous from 1 (or from 0)")
-    item_keys = [""] * (num_items + 1)
-    for key, item in smap.items():
-        item_keys[item + shift] = key
 
     user_ids = sorted(train)
     if not user_ids:
@@ -306,7 +332,7 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
     )
     sequences.items += shift
     item_text = _load_item_text(path, item_keys)
-    return SeqDataset(
+    data = SeqDataset(
         path=path,
         item_keys=item_keys,
         user_keys=[user_key_of[u] for u in user_ids],
@@ -317,6 +343,35 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
         has_test=np.array([u in test for u in user_ids], dtype=bool),
         item_text=item_text,
     )
+    if (path / NUMBERING_FILE).exists():
+        data.numbering = read_json(path / NUMBERING_FILE)
+    if (path / PAPER_NEGATIVES_FILE).exists():
+        data.paper_negatives = _load_paper_negatives(path / PAPER_NEGATIVES_FILE, data, user_ids, shift)
+    return data
+
+
+def _load_paper_negatives(path: Path, data: SeqDataset, user_ids: list[int], shift: int) -> np.ndarray:
+    """(num_users, N) negatives from {user_id: [item_id, ...]}: every user, N distinct items of the catalogue that
+    the user never interacted with (otherwise a negative could be the target itself)."""
+    split = _split_lists(path)
+    missing = next((user for user in user_ids if user not in split), None)
+    if missing is not None:
+        raise DatasetError(f"{path}: user {missing} has no negatives")
+    if len(split) != len(user_ids):
+        raise DatasetError(f"{path}: user {next(u for u in split if u not in set(user_ids))} is not in train.json")
+    _check_item_range(path, split, 1 - shift, data.num_items - shift)
+    counts = {len(split[user]) for user in user_ids}
+    if len(counts) != 1:
+        raise DatasetError(f"{path}: users have different numbers of negatives ({', '.join(map(str, sorted(counts)))})")
+    negatives = np.array([split[user] for user in user_ids], dtype=np.int64) + shift
+    keys = np.arange(data.num_users)[:, None] * (data.num_items + 1) + negatives
+    seen = data.user_item_keys()
+    found = np.isin(keys, seen)
+    repeated = np.sort(negatives, axis=1)[:, 1:] == np.sort(negatives, axis=1)[:, :-1]
+    bad = np.flatnonzero(found.any(axis=1) | repeated.any(axis=1))
+    if len(bad):
+        raise DatasetError(f"{path}: negatives of user {user_ids[bad[0]]} repeat an item or hold one of the user's own")
+    return negatives
 
 
 def _load_item_text(path: Path, item_keys: list[str]) -> list[dict[str, str]] | None:
@@ -356,6 +411,19 @@ def dataset_stats(data: SeqDataset) -> dict:
     }
 
 
+def _negative_ids(
+    out: Path, negatives: Mapping[str, Sequence[str]], umap: Mapping[str, int], smap: Mapping[str, int]
+) -> dict[int, list[int]]:
+    """{user id: [item id, ...]} of {user key: [item key, ...]} negatives, in the dataset's numbering."""
+    unknown = next((key for key in negatives if key not in umap), None)
+    if unknown is not None:
+        raise DatasetError(f"{out}: negatives for user {unknown!r}, who has no sequence")
+    unknown = next((key for items in negatives.values() for key in items if key not in smap), None)
+    if unknown is not None:
+        raise DatasetError(f"{out}: negative item {unknown!r} is not an item of the dataset")
+    return {umap[user]: [smap[key] for key in items] for user, items in negatives.items()}
+
+
 def _write_json(path: Path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False)
@@ -377,7 +445,7 @@ def check_replaceable(out: Path, overwrite: bool, config=None) -> None:
     if overwrite:
         return
     names = {entry.name for entry in out.iterdir()}
-    ours = {*DATASET_FILES, *CORPUS_FILES, *CACHE_DIRS}
+    ours = {*DATASET_FILES, *CORPUS_FILES, *OPTIONAL_DATASET_FILES, *CACHE_DIRS}
     if names and not (names <= ours and (set(DATASET_FILES) <= names or set(CORPUS_FILES) <= names)):
         foreign = sorted(names - ours) or ["no stats.json"]
         raise DatasetError(
@@ -391,6 +459,8 @@ def write_dataset(
     sequences: Mapping[str, Sequence[str]],
     item_meta: Mapping[str, Mapping[str, str]] | None,
     item_order: Sequence[str] | None = None,
+    numbering_source: str | None = None,
+    negatives: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
     """Write `sequences` ({user key: [item key, ...] in time order}) as a dataset directory; return its stats.
 
@@ -398,6 +468,8 @@ def write_dataset(
     in the given order. Leave-one-out split: the last item
     is the test target, the one before it the validation target, the rest is training history; users with fewer
     than 3 items keep everything in train. The directory is swapped in atomically (common.run.save_atomic).
+    numbering_source: the importer that kept `item_order` from an smap (recorded in numbering.json with the smap's
+    fingerprint). negatives: {user key: [item key, ...]}, evaluation negatives to store (paper_negatives.json).
     """
     out = Path(out)
     if not sequences:
@@ -418,6 +490,7 @@ def write_dataset(
         missing = next((key for key in smap if key not in item_meta), None)
         if missing is not None:
             raise DatasetError(f"{out}: item {missing!r} has no meta data")
+    negative_ids = None if negatives is None else _negative_ids(out, negatives, umap, smap)
 
     def build(tmp: Path) -> None:
         tmp.mkdir()
@@ -427,6 +500,11 @@ def write_dataset(
         _write_json(tmp / "umap.json", umap)
         if item_meta is not None:
             _write_json(tmp / "meta_data.json", {key: dict(item_meta[key]) for key in smap})
+        if numbering_source is not None:
+            numbering = {"source": numbering_source, "smap_fingerprint": smap_fingerprint(list(smap))}
+            _write_json(tmp / NUMBERING_FILE, numbering)
+        if negatives is not None:
+            _write_json(tmp / PAPER_NEGATIVES_FILE, negative_ids)
         stats = dataset_stats(load_dataset(tmp, verbose=False))
         _write_json(tmp / "stats.json", stats)
 

@@ -2,8 +2,10 @@
 
 Our format: a safetensors file with one tensor `item_embeddings` of shape (num_items + 1, d), row 0 (padding) zeros,
 and metadata naming the dataset fingerprint it was made for, the checkpoint and the dimension. The paper's code saves a
-bare tensor with torch.save; those files load too (with weights_only=True, so no code can run from them), without a
-fingerprint to check.
+bare tensor with torch.save (rows in the order of its smap, row 0 zeros); those files load too (with
+weights_only=True, so no code can run from them), but name no items, so they load only into a dataset that keeps the
+numbering of the smap it was imported from (prepare_data.py paper / recformer, recorded in numbering.json), or with
+the smap.json their rows follow (--embeddings-smap), which reorders them to the dataset's ids.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from common.data import SeqDataset
+from common.data import SeqDataset, read_smap
 from common.run import save_atomic
 
 TENSOR_NAME = "item_embeddings"
+STAGE_TABLE_FILE = "item_table.safetensors"  # beside a fine-tuning stage's checkpoint: the table its validation used
 PAPER_HIDDEN_SIZE = 768
 WHITEN_EPS = 1e-6  # relative floor of the eigenvalues PCA-whitening divides by
 
@@ -47,8 +50,16 @@ def save_item_embeddings(path: Path, table: torch.Tensor, data: SeqDataset, chec
     save_atomic(Path(path), lambda tmp: save_file({TENSOR_NAME: table}, str(tmp), metadata=metadata))
 
 
-def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
-    """(table, metadata) from our safetensors file or the paper's torch-saved tensor."""
+def save_paper_layout(path: Path, table: torch.Tensor) -> None:
+    """Write `table` (num_items + 1, d) as the paper's code saves and reads item tables: torch.save of a bare float32
+    tensor, row 0 zeros (SASRec's and BERT4Rec's `init_item_embedding` take it as is)."""
+    table = table.detach().float().cpu().contiguous().clone()
+    table[0] = 0.0
+    save_atomic(Path(path), lambda tmp: torch.save(table, tmp))
+
+
+def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str] | None]:
+    """(table, metadata) from our safetensors file, or (table, None) from the paper's torch-saved tensor."""
     if not path.exists():
         raise EmbeddingFileError(f"{path}: embedding file not found")
     try:
@@ -65,23 +76,58 @@ def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
             ) from None
         if not isinstance(loaded, torch.Tensor):
             raise EmbeddingFileError(f"{path}: torch file holds a {type(loaded).__name__}, expected one tensor")
-        return loaded, {}
+        return loaded, None
     if TENSOR_NAME not in tensors:
         raise EmbeddingFileError(f"{path}: no tensor named {TENSOR_NAME!r}")
     return tensors[TENSOR_NAME], metadata
 
 
-def load_item_embeddings(path: Path, data: SeqDataset) -> torch.Tensor:
-    """The validated float32 table (num_items + 1, d) stored at `path` for dataset `data`."""
+def _rows_by_smap(path: Path, table: torch.Tensor, smap_path: Path, data: SeqDataset) -> torch.Tensor:
+    """A bare table whose rows follow `smap_path` (row = id, shifted to 1-based) reordered to `data`'s item ids."""
+    source_keys, _ = read_smap(Path(smap_path))
+    if table.shape[0] != len(source_keys):
+        raise EmbeddingFileError(
+            f"{path}: {table.shape[0]} rows, but --embeddings-smap {smap_path} has {len(source_keys) - 1} items "
+            "(+1 padding row)"
+        )
+    row_of = {key: row for row, key in enumerate(source_keys)}
+    missing = next((key for key in data.item_keys[1:] if key not in row_of), None)
+    if missing is not None:
+        raise EmbeddingFileError(f"--embeddings-smap: item {missing!r} of {data.path} is not in {smap_path}")
+    return table[[0] + [row_of[key] for key in data.item_keys[1:]]]
+
+
+def load_item_embeddings(path: Path, data: SeqDataset, rows_smap: Path | None = None) -> torch.Tensor:
+    """The validated float32 table (num_items + 1, d) stored at `path` for dataset `data`.
+
+    A bare tensor (the paper's file) needs a dataset that keeps its imported smap's numbering, or `rows_smap`, the
+    smap.json its rows follow (--embeddings-smap).
+    """
     path = Path(path)
     table, metadata = _read_table(path)
+    return checked_table(path, table, metadata, data, rows_smap)
+
+
+def checked_table(
+    path: Path, table: torch.Tensor, metadata: dict[str, str] | None, data: SeqDataset, rows_smap: Path | None = None
+) -> torch.Tensor:
+    """`table` read from `path` (metadata None: a bare tensor) validated for `data` as `load_item_embeddings` says."""
     if table.dim() != 2:
         raise EmbeddingFileError(f"{path}: expected a 2-d table, got shape {tuple(table.shape)}")
+    if metadata is not None and rows_smap is not None:
+        raise EmbeddingFileError(f"--embeddings-smap: {path} names its dataset itself; the flag is for bare tensors")
+    if rows_smap is not None:
+        table = _rows_by_smap(path, table, rows_smap, data)
     if table.shape[0] != data.num_items + 1:
         raise EmbeddingFileError(
             f"{path}: {table.shape[0]} rows, but {data.path} has {data.num_items} items (+1 padding row)"
         )
-    fingerprint = metadata.get("dataset_fingerprint")
+    if metadata is None and rows_smap is None and not data.keeps_imported_numbering:
+        raise EmbeddingFileError(
+            f"{path}: a bare tensor names no items and {data.path} does not keep an imported smap's numbering "
+            "(prepare_data.py paper or recformer); pass --embeddings-smap with the smap.json its rows follow"
+        )
+    fingerprint = (metadata or {}).get("dataset_fingerprint")
     if fingerprint is not None and fingerprint != data.fingerprint:
         raise EmbeddingFileError(
             f"{path}: made for another dataset ({metadata.get('dataset', '?')}, fingerprint {fingerprint}), "
@@ -157,15 +203,17 @@ def initial_item_table(
     project: str,
     transform: str = "none",
     target_std: Callable[[int], float] | None = None,
+    rows_smap: Path | None = None,
 ) -> torch.Tensor:
-    """The PLM table (num_items + 1, hidden_size) a recommender starts from: loaded, validated, PCA-reduced if asked,
-    then transformed (`transform_items`; target_std(width) is the model's random-initialisation std at that width).
+    """The PLM table (num_items + 1, hidden_size) a recommender starts from: loaded, validated (rows_smap: see
+    `load_item_embeddings`), PCA-reduced if asked, then transformed (`transform_items`; target_std(width) is the
+    model's random-initialisation std at that width).
 
     project "none" demands that the file's dimension equals hidden_size; "pca" reduces it (never enlarges it).
     hidden_size None keeps the file's dimension. Reduction comes first, so "whiten" whitens the kept components.
     """
     path = Path(path)
-    table = load_item_embeddings(path, data)
+    table = load_item_embeddings(path, data, rows_smap)
     dim = table.shape[1]
     hidden_size = dim if hidden_size is None else hidden_size
     if project == "pca":
@@ -196,13 +244,15 @@ def plm_init(
     project: str,
     transform: str = "none",
     target_std: Callable[[int], float] | None = None,
+    rows_smap: Path | None = None,
 ) -> tuple[torch.Tensor | None, int]:
     """(initial item table or None, model width) from the recommenders' --init-type, --embeddings, --hidden-size,
-    --project and --init-transform: "plm" reads the file (default <data>/embeddings/plm.safetensors) and the width is
-    the table's; "none" has no table (the transform is ignored) and the width is --hidden-size, else the paper's 768.
+    --project, --init-transform and --embeddings-smap (rows_smap): "plm" reads the file (default
+    <data>/embeddings/plm.safetensors) and the width is the table's; "none" has no table (the transform is ignored)
+    and the width is --hidden-size, else the paper's 768.
     target_std(width): the element std of the model's own random item table at that width."""
     if init_type != "plm":
         return None, hidden_size or PAPER_HIDDEN_SIZE
     path = embeddings or default_embeddings_path(data.path)
-    table = initial_item_table(path, data, hidden_size, project, transform, target_std)
+    table = initial_item_table(path, data, hidden_size, project, transform, target_std, rows_smap)
     return table, table.shape[1]

@@ -37,6 +37,17 @@ def protocol(sample_size: int) -> str:
     return f"sampled-{sample_size}" if sample_size > 0 else "full ranking"
 
 
+def uses_paper_negatives(data: SeqDataset, sample_size: int) -> bool:
+    """Whether `sample_size` negatives per user are the ones stored with the dataset (prepare_data.py paper)."""
+    return data.paper_negatives is not None and data.paper_negatives.shape[1] == sample_size
+
+
+def data_protocol(data: SeqDataset, sample_size: int) -> str:
+    """`protocol`, naming the paper's negatives when the dataset's stored ones are used."""
+    stored = ", the paper's negatives" if uses_paper_negatives(data, sample_size) else ""
+    return protocol(sample_size) + stored
+
+
 def result_line(label: str, metrics: dict) -> str:
     """One printed result: "test (sampled-100): HR@1 0.1234, ..., MRR 0.2345" from an evaluate() dict."""
     values = ", ".join(f"{name} {metrics[name]:.4f}" for name in metric_names())
@@ -80,8 +91,11 @@ def sample_negatives(data: SeqDataset, sample_size: int, seed: int = NEGATIVE_SE
 
     Drawn once per dataset and cached in <data>/negatives/ so every model is ranked against the same candidates.
     The file name holds the dataset's content fingerprint, so a changed dataset never reuses another's negatives
-    (they could be its users' own items); an unreadable file is drawn again.
+    (they could be its users' own items); an unreadable file is drawn again. A dataset that stores the paper's
+    negatives (paper_negatives.json) returns those when `sample_size` is their count per user.
     """
+    if uses_paper_negatives(data, sample_size):
+        return data.paper_negatives
     directory = data.path / "negatives"
     name = f"sample{sample_size}-seed{seed}"
     cache = directory / f"{name}-{data.content_fingerprint}.npy"
@@ -177,7 +191,7 @@ def evaluate(
     users: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean HR@k, NDCG@k (k in KS) and MRR over the users of `split`, plus "users" (how many were scored) and
-    "protocol" (see `protocol`).
+    "protocol" (see `data_protocol`).
 
     sample_size > 0 ranks the target against that many cached negatives; <= 0 ranks it against every item.
     exclude_history removes the user's earlier items from full ranking (off by default, as in the paper).
@@ -230,7 +244,7 @@ def evaluate(
                 raise ValueError(nan_scores)
         sums += metric_sums(ranks)
     means = (sums / len(rows)).tolist()
-    return {**dict(zip(metric_names(), means)), "users": len(rows), "protocol": protocol(sample_size)}
+    return {**dict(zip(metric_names(), means)), "users": len(rows), "protocol": data_protocol(data, sample_size)}
 
 
 def _sharded_ranks(batch_ranks, batches: list[slice], users: int, device) -> tuple[torch.Tensor, bool]:

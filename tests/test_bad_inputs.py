@@ -8,6 +8,7 @@ A few rows also run as real subprocesses, to show the in-process reading of the 
 
 import json
 import os
+import pickle
 import runpy
 import shutil
 import subprocess
@@ -50,7 +51,27 @@ def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     (paths["broken-run"] / "deepspeed" / "step00000002").mkdir(parents=True)
     (paths["broken-run"] / "deepspeed" / "latest").write_text("step00000002")
     write_json_atomic(paths["broken-run"] / "config.json", PretrainArgs(data=paths["data"], out=paths["broken-run"]))
+    paper_files(root, paths)
     return paths
+
+
+class RunsCode:
+    """Pickled, its reduce would create the directory "code-ran" in the working directory (the test's tmp_path)."""
+
+    def __reduce__(self):
+        return os.mkdir, ("code-ran",)
+
+
+def paper_files(root: Path, paths: dict[str, Path]) -> None:
+    """The paper's files, broken: a dataset.pkl whose unpickling would run code, one holding a float, negatives
+    missing a user, and a bare-tensor table for the synthetic dataset (whose numbering is not an imported smap's)."""
+    dataset = {"train": {1: [1, 2]}, "val": {1: [3]}, "test": {1: [4]}, "smap": {k: i for i, k in enumerate("abcd", 1)}}
+    for name, obj in (("code-pickle", {"train": RunsCode()}), ("float-pickle", dataset | {"train": {1: [1.0]}}),
+                      ("paper-pickle", dataset), ("short-negatives", {2: [1]})):  # fmt: skip
+        paths[name] = root / f"{name}.pkl"
+        paths[name].write_bytes(pickle.dumps(obj))
+    paths["bare-tensor"] = root / "item_embeddings_synthetic"
+    torch.save(torch.zeros(121, 8), paths["bare-tensor"])
 
 
 SASREC, BERT4REC, FINETUNE, EXPORT, PRETRAIN, PREPARE = (
@@ -94,6 +115,11 @@ CASES = [
     (EXPORT, "--checkpoint {gpt2}", "{gpt2}/config.json"),
     (FINETUNE, "--backbone {no-words}", "{no-words}"),
     (PRETRAIN, "--resume --out {broken-run}", "{broken-run}/deepspeed"),
+    (PREPARE, "paper --pkl {code-pickle}", "{code-pickle}: refused global"),
+    (PREPARE, "paper --pkl {float-pickle}", "{float-pickle}"),
+    (PREPARE, "paper --pkl {paper-pickle} --negatives {short-negatives}", "{short-negatives}"),
+    (SASREC, "--init-type plm --embeddings {bare-tensor}", "{bare-tensor}: a bare tensor"),
+    (EXPORT, "--checkpoint tiny --table stored", "--table stored"),
 ]
 
 

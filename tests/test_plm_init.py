@@ -218,6 +218,7 @@ def test_bert4rec_table_is_frozen_with_a_zero_mask_row(data, tmp_path):
         out=tmp_path / "run",
         init_type="plm",
         embeddings=tmp_path / "paper_format.pt",
+        embeddings_smap=data.path / "smap.json",  # its rows follow the dataset's own numbering
         hidden_size=16,
         num_heads=2,
         epochs=1,

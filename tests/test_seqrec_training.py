@@ -14,34 +14,59 @@ import train_sasrec
 from common.data import load_dataset
 from common.evaluation import metric_names
 
-# Per script: its model class and settings under which the best validation epoch of the synthetic data is not the
-# last (a high learning rate overshoots; patience = epochs lets the run go on).
-SCRIPTS = {
-    "sasrec": (train_sasrec, train_sasrec.SASRec, {"lr": 0.1}),
-    "bert4rec": (train_bert4rec, train_bert4rec.BERT4Rec, {"lr": 1e-2, "max_len": 10}),
-}
+SCRIPTS = {"sasrec": (train_sasrec, train_sasrec.SASRec), "bert4rec": (train_bert4rec, train_bert4rec.BERT4Rec)}
+
+# The validation NDCG@10 each epoch reports: the best is epoch 2 of 5, whatever the trajectory (the other metrics
+# are the model's real ones). Patience = epochs lets the run go on after it.
+VAL_NDCG10 = [0.2, 0.5, 0.3, 0.4, 0.1]
+BEST_EPOCH = 1 + VAL_NDCG10.index(max(VAL_NDCG10))
+
+
+def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module", params=list(SCRIPTS))
 def best_not_last(request, synthetic_data, tmp_path_factory):
-    """(script, model class, Args) of a finished 5-epoch run. 300 users / batch 128 = 3 steps per epoch =
-    log_every, so each train/loss point is the mean loss of one epoch."""
-    script, model_class, settings = SCRIPTS[request.param]
+    """(script, model class, Args, weights) of a finished 5-epoch run that trains for real but whose validation
+    NDCG@10 follows VAL_NDCG10. weights: the model's weights at each epoch's validation ({epoch: state}) and at
+    the test ({"test": state}). 300 users / batch 128 = 3 steps per epoch = log_every, so each train/loss point is the mean loss
+    of one epoch."""
+    script, model_class = SCRIPTS[request.param]
     args = script.Args(
         data=synthetic_data,
         out=tmp_path_factory.mktemp(request.param) / "run",
         hidden_size=16,
         num_heads=2,
-        epochs=5,
-        patience=5,
+        epochs=len(VAL_NDCG10),
+        patience=len(VAL_NDCG10),
         batch_size=128,
         sample_size=20,
         log_every=3,
+        lr=1e-2,
+        max_len=10,
         device="cpu",
-        **settings,
     )
-    script.main(args)
-    return script, model_class, args
+    evaluate_split, weights, epochs = script.evaluate_split, {}, iter(range(1, len(VAL_NDCG10) + 1))
+
+    def scripted_validation(model, compiled_model, data, split, *rest):
+        metrics = evaluate_split(model, compiled_model, data, split, *rest)
+        if split == "test":
+            weights["test"] = copy_state(model)
+            return metrics
+        epoch = next(epochs)
+        weights[epoch] = copy_state(model)
+        return {**metrics, "NDCG@10": VAL_NDCG10[epoch - 1]}
+
+    # One thread as in the test functions (conftest's one_thread runs after module fixtures), so the test's
+    # re-evaluation of best.pt sums in the same order as the run's.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(script, "evaluate_split", scripted_validation)
+        script.main(args)
+    torch.set_num_threads(threads)
+    return script, model_class, args, weights
 
 
 def read_run(run_dir: Path) -> tuple[list[dict], dict]:
@@ -56,13 +81,18 @@ def as_logged(value: float) -> float:
 
 
 def test_test_metrics_come_from_the_reloaded_best_checkpoint(best_not_last):
-    script, model_class, args = best_not_last
+    script, model_class, args, weights = best_not_last
     lines, test = read_run(args.out)
-    best = max(lines, key=lambda line: line["NDCG@10"])  # the first of equal values, as early stopping keeps it
-    assert test["best_epoch"] == best["epoch"] < len(lines)  # the run trained on after its best epoch
-    assert test["val_NDCG@10"] == best["NDCG@10"]
+    assert [line["NDCG@10"] for line in lines] == VAL_NDCG10  # the run went on after its best epoch
+    assert test["best_epoch"] == BEST_EPOCH
+    assert test["val_NDCG@10"] == max(VAL_NDCG10)
     checkpoint = torch.load(args.out / "best.pt", weights_only=True)
-    assert checkpoint["epoch"] == best["epoch"]
+    assert checkpoint["epoch"] == BEST_EPOCH
+    for name, tensor in checkpoint["model"].items():
+        assert torch.equal(tensor, weights[BEST_EPOCH][name])  # best.pt holds the best epoch's weights
+        assert torch.equal(tensor, weights["test"][name])  # and the test scored them
+    last = weights[len(VAL_NDCG10)]
+    assert any(not torch.equal(tensor, last[name]) for name, tensor in checkpoint["model"].items())
     data = load_dataset(args.data)
     model = model_class(data.num_items, args)
     model.load_state_dict(checkpoint["model"])
@@ -71,7 +101,7 @@ def test_test_metrics_come_from_the_reloaded_best_checkpoint(best_not_last):
 
 
 def test_tensorboard_holds_the_logged_values(best_not_last, read_scalars):
-    _, _, args = best_not_last
+    _, _, args, _ = best_not_last
     lines, test = read_run(args.out)
     scalars = read_scalars(args.out)
     for name in metric_names():
