@@ -80,6 +80,7 @@ from common.evaluation import (
     check_sample_size,
     evaluate,
     metric_scalars,
+    protocol,
     require_users,
     result_line,
     sample_negatives,

@@ -289,16 +289,15 @@ def perform_in_child(args: Args, task: Task, threads: int, log: Path) -> str | N
     """perform() in a worker process of --jobs, its output into `log`; the one-line reason when it failed."""
     torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(
-        stream
-    ):
-        try:
-            perform(args, task)
-        except SystemExit as error:
-            return str(error.code)
-        except Exception as error:  # noqa: BLE001 - reported as the task's failure, the grid goes on
-            traceback.print_exc()
-            return f"{type(error).__name__}: {error}"
+    with open(log, "a", buffering=1, encoding="utf-8") as stream:  # line-buffered: the log can be followed
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            try:
+                perform(args, task)
+            except SystemExit as error:
+                return str(error.code)
+            except Exception as error:  # noqa: BLE001 - reported as the task's failure, the grid goes on
+                traceback.print_exc()
+                return f"{type(error).__name__}: {error}"
     return None
 
 

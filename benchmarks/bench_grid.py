@@ -62,7 +62,8 @@ def main(args: Args) -> None:
 
 def reproduce_comparable(results: dict) -> list:
     """The runs' test metrics and curves, without timings and paths."""
-    return [(run["model"], run["start"], run["seed"], run["test"]["NDCG@10"], run["val_ndcg10"]) for run in results["runs"]]
+    runs = results["runs"]
+    return [(run["model"], run["start"], run["seed"], run["test"]["NDCG@10"], run["val_ndcg10"]) for run in runs]
 
 
 if __name__ == "__main__":

@@ -289,7 +289,9 @@ def check_same_run(out: Path, config, may_change: set[str]) -> None:
     differing = sorted(name for name in current if name not in may_change and saved.get(name) != current[name])
     if differing:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in differing)
-        raise OutputError(f"{saved_file}: --resume with other settings than the run's ({flags}); resume as it was started")
+        raise OutputError(
+            f"{saved_file}: --resume with other settings than the run's ({flags}); resume as it was started"
+        )
 
 
 class EarlyStopping:

@@ -384,7 +384,9 @@ class Killed(Exception):
     [((1, 1), False), ((2, 2), True)],
     ids=["after-stage1-epoch1", "during-stage2-epoch2-before-its-resume-point"],
 )
-def test_resumed_finetuning_equals_the_uninterrupted_run(two_stage_run, synthetic_data, tmp_path, kill_at, before_saving):
+def test_resumed_finetuning_equals_the_uninterrupted_run(
+    two_stage_run, synthetic_data, tmp_path, kill_at, before_saving
+):
     """A run killed after an epoch (or between an epoch's metrics line and its resume point, which leaves one line
     too many) and resumed gives the uninterrupted run's metrics, test metrics and stage checkpoints."""
     reference, reference_records = two_stage_run

@@ -30,8 +30,8 @@ def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def best_not_last(request, synthetic_data, tmp_path_factory):
     """(script, model class, Args, weights) of a finished 5-epoch run that trains for real but whose validation
     NDCG@10 follows VAL_NDCG10. weights: the model's weights at each epoch's validation ({epoch: state}) and at
-    the test ({"test": state}). 300 users / batch 128 = 3 steps per epoch = log_every, so each train/loss point is the mean loss
-    of one epoch."""
+    the test ({"test": state}). 300 users / batch 128 = 3 steps per epoch = log_every, so each train/loss point is
+    the mean loss of one epoch."""
     script, model_class = SCRIPTS[request.param]
     args = script.Args(
         data=synthetic_data,
