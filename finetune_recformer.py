@@ -116,15 +116,12 @@ from common.tokenization_recformer import (
 
 BEST_METRIC = "NDCG@10"
 RESUME_FILE = "resume.pt"
-RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "tensorboard", "test_sample_sizes"}
+RESUME_MAY_CHANGE = {"out", "overwrite", "resume", "tensorboard", "log_every", "test_sample_sizes"}
 """Flags a resumed run may change: where it writes, what it logs and which protocols it tests under."""
 CALL_TOKENS = 64
 """Padded tokens worth one more encoder call when a batch is cut by token length: on Scientific, examples of one
 optimizer step (16 x 8) then run in about 15 calls instead of 8 with 5% padding instead of 76% (on one CPU thread a
 call's fixed cost is a few tokens' worth)."""
-LOG_EVERY = 10
-"""Optimizer steps between two points of the training loss and learning-rate curves (reading the loss waits for the
-device)."""
 
 
 @dataclass
@@ -190,6 +187,9 @@ class Args(Checked):
     resume: bool = False
     """Continue the killed run in --out from its last finished epoch, exactly as if it had not stopped (every
     epoch leaves <out>/resume/ behind; the settings must be the run's own)."""
+    log_every: Annotated[int, Positive] = 10
+    """Optimizer steps between two points of the training loss and learning-rate curves (reading the loss waits for
+    the device)."""
     tensorboard: bool = True
     """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)."""
 
@@ -345,7 +345,7 @@ def train_epoch(
     run: Run, optimizer, schedule, *, stage: int, epoch: int, first_step: int, max_steps: int, scalars: Scalars
 ) -> tuple[float, int, int]:
     """One pass over the users, at most max_steps optimizer steps; returns (mean loss per example, steps,
-    examples), all over every process. At every multiple of LOG_EVERY of the stage's steps (first_step before this
+    examples), all over every process. At every multiple of --log-every of the stage's steps (first_step before this
     epoch), "stage<k>/train/loss" (mean over the examples of this epoch's steps since the last point) and
     "stage<k>/train/lr" (the rate of the last step) go to `scalars` at x = that step.
 
@@ -387,7 +387,7 @@ def train_epoch(
         schedule.step()
         run.weights_version += 1
         steps += 1
-        if (first_step + steps) % LOG_EVERY == 0:  # reading the loss waits for the device, so not every step
+        if (first_step + steps) % run.args.log_every == 0:  # reading the loss waits for the device, so not every step
             recent, _ = loss_over_processes(total - logged_total, seen - logged_seen, run.world)
             logged_total, logged_seen = total.clone(), seen
             bar.set_postfix(loss=f"{recent:.4f}")
@@ -554,7 +554,7 @@ def main(args: Args) -> Run:
 
     TensorBoard x axis: optimizer steps within the stage. The untrained validation is step 0 of "stage1/val/*"
     (also with --epochs 0); "stage<k>/val/*" and "stage<k>/train/sequences_per_s" follow at the end of each epoch,
-    "stage<k>/train/loss" and "stage<k>/train/lr" every LOG_EVERY steps; "test/*" is at step 0. A resumed run adds
+    "stage<k>/train/loss" and "stage<k>/train/lr" every --log-every steps; "test/*" is at step 0. A resumed run adds
     to the same event files.
     """
     seed_everything(args.seed)

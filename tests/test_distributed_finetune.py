@@ -29,9 +29,9 @@ SAMPLE_SIZE = 50
 GRADIENT_SEED = 7
 RUN = ["--backbone", "tiny", "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--warmup-steps", "2",
        "--sample-size", str(SAMPLE_SIZE), "--eval-batch-size", "16", "--encode-batch-size", "16", "--device", "cpu",
-       "--seed", "3"]  # fmt: skip
+       "--seed", "3", "--log-every", "1"]  # fmt: skip
 
-# finetune_recformer.main (a TensorBoard loss point per step), then this rank's weights and item table saved, so the
+# finetune_recformer.main (--log-every 1: a TensorBoard loss point per step), then this rank's weights and item table saved, so the
 # test can compare the ranks; then, without dropout, the averaged gradient of one optimizer step (2 x 8 users), which
 # the test recomputes on one process.
 WORKER = textwrap.dedent(f"""
@@ -42,7 +42,6 @@ WORKER = textwrap.dedent(f"""
     from common.distributed import leave_process_group, parse_launched
     from test_finetune import first_step_gradients, without_dropout
     args = parse_launched(finetune_recformer.Args)
-    finetune_recformer.LOG_EVERY = 1  # a TensorBoard loss point per optimizer step
     run = finetune_recformer.main(args)
     weights = {{name: tensor.detach().cpu() for name, tensor in run.model.state_dict().items()}}
     without_dropout(run.model)

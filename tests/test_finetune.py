@@ -47,9 +47,7 @@ def short_run_args(data: Path, out: Path, **changes) -> finetune_recformer.Args:
 def two_stage_run(synthetic_data, tmp_path_factory):
     """Two epochs of each stage (38 optimizer steps each), a TensorBoard point after every optimizer step."""
     out = tmp_path_factory.mktemp("finetune") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(finetune_recformer, "LOG_EVERY", 1)
-        finetune_recformer.main(short_run_args(synthetic_data, out))
+    finetune_recformer.main(short_run_args(synthetic_data, out, log_every=1))
     return out, records_of(out)
 
 
@@ -118,8 +116,8 @@ def test_the_best_epoch_is_tested_when_later_ones_ran(synthetic_data, tmp_path, 
     scripted = iter([0.0, 0.9, 0.1, 0.5, 0.6])  # untrained, stage 1 epochs 1-2, stage 2 epochs 1-2
     evaluate_split = finetune_recformer.evaluate_split
 
-    def scripted_validation(run, split):
-        metrics = evaluate_split(run, split)
+    def scripted_validation(run, split, sample_size=None):
+        metrics = evaluate_split(run, split, sample_size)
         return {**metrics, "NDCG@10": next(scripted)} if split == "val" else metrics
 
     monkeypatch.setattr(finetune_recformer, "evaluate_split", scripted_validation)
@@ -172,7 +170,7 @@ def test_tensorboard_curves_are_the_runs_metrics(two_stage_run, read_scalars):
             expected = [(step, r[name]) for step, r in start + [(r["steps"], r) for r in epochs]]
             assert scalars[f"stage{stage}/val/{name}"] == [(x, pytest.approx(y)) for x, y in expected]
         assert [x for x, _ in scalars[f"stage{stage}/train/sequences_per_s"]] == [r["steps"] for r in epochs]
-        # one point per optimizer step (LOG_EVERY = 1): the step's mean loss and the rate it used
+        # one point per optimizer step (--log-every 1): the step's mean loss and the rate it used
         losses = scalars[f"stage{stage}/train/loss"]
         assert [x for x, _ in losses] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
         examples = [8] * (STEPS_PER_EPOCH - 1) + [300 - 8 * (STEPS_PER_EPOCH - 1)]  # per step of an epoch
@@ -401,16 +399,13 @@ def test_resumed_finetuning_equals_the_uninterrupted_run(
             raise Killed
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(finetune_recformer, "LOG_EVERY", 1)
         patch.setattr(finetune_recformer, "save_resume_point", killed_at_point)
         with pytest.raises(Killed):
-            finetune_recformer.main(short_run_args(synthetic_data, out))
+            finetune_recformer.main(short_run_args(synthetic_data, out, log_every=1))
     assert not (out / "test_metrics.json").exists() and (out / "resume.pt").exists()
     with pytest.raises(SystemExit, match="other settings than the run's"):
-        finetune_recformer.main(short_run_args(synthetic_data, out, resume=True, lr=2 * LR))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(finetune_recformer, "LOG_EVERY", 1)
-        finetune_recformer.main(short_run_args(synthetic_data, out, resume=True))
+        finetune_recformer.main(short_run_args(synthetic_data, out, resume=True, lr=2 * LR, log_every=1))
+    finetune_recformer.main(short_run_args(synthetic_data, out, resume=True, log_every=1))
 
     assert [without_timings(r) for r in records_of(out)] == [without_timings(r) for r in reference_records]
     test, reference_test = (json.loads((d / "test_metrics.json").read_text()) for d in (out, reference))
