@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, at_least, between, parse
+from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed, at_least, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
 from common.embeddings import EmbeddingFileError, plm_init
 from common.evaluation import Scorer, check_sample_size, evaluate, metric_scalars, require_users, result_line
@@ -42,10 +42,12 @@ from common.run import (
     EarlyStopping,
     OutputError,
     Scalars,
+    allocate,
     append_jsonl,
     autocast,
     check_run_dir,
     create_run_dir,
+    ending_in_one_line,
     precision,
     progress,
     resolve_device,
@@ -102,7 +104,7 @@ class Args(Checked):
     """Dropout on embeddings, attention weights, sublayer outputs and block outputs."""
     max_len: Annotated[int, at_least(2)] = 50
     """Sequence window, including the appended mask token at evaluation (so at least 2)."""
-    seed: Annotated[int, NonNegative] = 42
+    seed: Annotated[int, Seed] = 42
     """Seed for initialisation, batch order and masking."""
     device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
@@ -286,7 +288,7 @@ def main(args: Args) -> dict[str, float]:
             raise SystemExit(
                 f"error: --num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads"
             )
-        model = BERT4Rec(data.num_items, args)
+        model = allocate(lambda: BERT4Rec(data.num_items, args), "--hidden-size", args.hidden_size)
         if table is not None:
             mask_row = table.new_zeros(1, table.shape[1])  # the paper gives the mask token a zero vector
             model.token_emb.weight.data.copy_(torch.cat([table, mask_row]))
@@ -364,4 +366,5 @@ def main(args: Args) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Args))
+    with ending_in_one_line("best.pt"):
+        main(parse(Args))
