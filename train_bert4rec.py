@@ -36,7 +36,7 @@ from torch import nn
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed, at_least, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
-from common.embeddings import EmbeddingFileError, plm_init
+from common.embeddings import EmbeddingFileError, plm_init, refuse_plm_flags_without_plm
 from common.evaluation import Scorer, check_sample_size, evaluate, metric_scalars, require_users, result_line
 from common.run import (
     EarlyStopping,
@@ -122,6 +122,10 @@ class Args(Checked):
     progress bar's loss."""
     tensorboard: bool = True
     """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse_plm_flags_without_plm(self)
 
 
 class BidirectionalBlock(nn.Module):

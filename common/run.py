@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -225,6 +226,14 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def load_torch_file(path: Path):
+    """torch.load(path) on the CPU with weights_only=True (no code can run from the file), without the warning
+    torch prints for a plain pickle of another protocol, which would precede our one-line error about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_json_atomic(path: Path, obj) -> None:
