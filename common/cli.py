@@ -263,7 +263,9 @@ def _one_line_hook(args: list[str], unrecognized: list[str]) -> Callable[[Any], 
             raise _ParseFailure(f"{names[0]}: required{others} (got none)")
         if isinstance(event, _tyro_errors.MissingSubcommand):
             names = ", ".join(event.subcommand_spec.parser_from_name)
-            raise _ParseFailure(f"{event.prog}: needs a subcommand, one of {names} (got none)")
+            script, _, subcommands = event.prog.partition(" ")
+            prog = " ".join(filter(None, [Path(script).name, subcommands]))
+            raise _ParseFailure(f"{prog}: needs a subcommand, one of {names} (got none)")
         if isinstance(event, _tyro_errors.UnrecognizedArgs):
             unrecognized.extend(event.tokens)
 

@@ -50,12 +50,57 @@ def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     (paths["broken-run"] / "deepspeed" / "step00000002").mkdir(parents=True)
     (paths["broken-run"] / "deepspeed" / "latest").write_text("step00000002")
     write_json_atomic(paths["broken-run"] / "config.json", PretrainArgs(data=paths["data"], out=paths["broken-run"]))
+    paths.update(source_files(root, data))
     return paths
 
 
-SASREC, BERT4REC, FINETUNE, EXPORT, PRETRAIN, PREPARE = (
+def source_files(root: Path, data: Path) -> dict[str, Path]:
+    """Inputs that used to pass and give silently wrong results or tracebacks, by short name."""
+    import pickle
+
+    from common.convert_recformer import load_backbone, save_checkpoint
+    from common.data import load_dataset
+    from common.embeddings import save_item_embeddings
+    from common.modeling_recformer import RecformerModel
+    from common.tokenization_recformer import item_texts
+
+    paths = {name: root / name for name in ("colliding-users", "recformer-says-bert", "dangling")}
+    shutil.copytree(data, paths["colliding-users"])  # "1" and "01" are both user 1
+    train = json.loads((data / "train.json").read_text())
+    (paths["colliding-users"] / "train.json").write_text(json.dumps({**train, "01": train["2"]}))
+    dataset = load_dataset(data)
+    model, tokenizer = load_backbone("tiny", RecformerModel, item_texts(dataset))
+    save_checkpoint(paths["recformer-says-bert"], model, tokenizer)
+    config_file = paths["recformer-says-bert"] / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"model_type": "bert"}))
+    paths["dangling"].symlink_to(root / "nowhere")
+    texts = {
+        "lcrec-twice": '{"u1": ["0", "1", "0"], "u1": ["1", "0", "1"]}',
+        "lcrec-boolean": '{"u1": [true, false, true]}',
+        "lcrec-items": '{"0": {"title": "a"}, "1": {"title": "b"}, "True": {"title": "c"}}',
+        "amazon-reviews": '{"reviewerID": "u", "asin": "A", "unixReviewTime": 1}\n',
+        "amazon-list-user": '{"reviewerID": ["u"], "asin": "A", "unixReviewTime": 1}\n',
+        "amazon-meta": '{"asin": "A", "title": "x"}\n',
+        "amazon-object-title": '{"asin": "A", "title": {"en": "x"}}\n',
+    }
+    for name, text in texts.items():
+        paths[name] = root / f"{name}.json"
+        paths[name].write_text(text)
+    rows = dataset.num_items + 1
+    for name, table in (("equal-table", torch.ones(rows, 8)), ("huge-table", torch.randn(rows, 8) * 1e37)):
+        paths[name] = root / f"{name}.safetensors"
+        save_item_embeddings(paths[name], table, dataset, "test")
+    paths["pickle"] = root / "table.pt"  # a plain pickle of protocol 4, the kind torch warns about
+    paths["pickle"].write_bytes(pickle.dumps({"table": [1.0, 2.0]}, protocol=4))
+    paths["truncated-run"] = root / "truncated-run"
+    paths["truncated-run"].mkdir()
+    (paths["truncated-run"] / "test_metrics.json").write_text('{"HR@1": 0.1, "HR@')
+    return paths
+
+
+SASREC, BERT4REC, FINETUNE, EXPORT, PRETRAIN, PREPARE, REPORT = (
     "train_sasrec.py", "train_bert4rec.py", "finetune_recformer.py", "export_embeddings.py", "pretrain_recformer.py",
-    "prepare_data.py",
+    "prepare_data.py", "common/report.py",
 )  # fmt: skip
 
 # (script, arguments, the name the error line must start with); {name} is a path from `inputs`, {out} the output
@@ -94,14 +139,45 @@ CASES = [
     (EXPORT, "--checkpoint {gpt2}", "{gpt2}/config.json"),
     (FINETUNE, "--backbone {no-words}", "{no-words}"),
     (PRETRAIN, "--resume --out {broken-run}", "{broken-run}/deepspeed"),
+    # command lines tyro cannot read: a bad number, an empty value, an unknown flag, a bad choice, no subcommand
+    (SASREC, "--epochs 1.5", "--epochs"),
+    (BERT4REC, "--lr=", "--lr"),
+    (FINETUNE, "--epoch 3", "--epoch"),
+    (SASREC, "--loss hinge", "--loss"),
+    (PREPARE, "", "prepare_data.py"),
+    (EXPORT, "--checkpoint tiny --seed 4294967296", "--seed"),  # numpy seeds are 32-bit
+    # an output that is one of the command's own inputs, even with --overwrite
+    (EXPORT, "--checkpoint tiny --out {data}/train.json --overwrite", "{data}/train.json"),
+    (EXPORT, "--checkpoint {recformer-says-bert} --out {recformer-says-bert}/model.safetensors --overwrite",
+     "{recformer-says-bert}/model.safetensors"),
+    # inputs that used to give silently wrong results
+    (PREPARE, "recformer --dir {colliding-users}", "{colliding-users}/train.json"),
+    (SASREC, "--data {colliding-users}", "{colliding-users}/train.json"),
+    (PREPARE, "lcrec --inter {lcrec-twice} --items {lcrec-items}", "{lcrec-twice}"),
+    (PREPARE, "lcrec --inter {lcrec-boolean} --items {lcrec-items}", "{lcrec-boolean}"),
+    (PREPARE, "amazon --reviews {amazon-reviews} --meta {amazon-object-title}",
+     "{amazon-object-title}:1"),
+    (PREPARE, "amazon --reviews {amazon-list-user} --meta {amazon-meta}", "{amazon-list-user}:1"),
+    (EXPORT, "--checkpoint {recformer-says-bert}", "{recformer-says-bert}/config.json"),
+    # inputs that used to end in a traceback or NaN scores after an epoch
+    (SASREC, "--init-type plm --embeddings {equal-table} --init-transform center", "{equal-table}"),
+    (BERT4REC, "--init-type plm --embeddings {huge-table} --init-transform whiten", "{huge-table}"),
+    (SASREC, "--init-type plm --embeddings {pickle}", "{pickle}"),
+    (BERT4REC, "--out {dangling}", "--out"),
+    (REPORT, "row={truncated-run}", "{truncated-run}/test_metrics.json"),
+    (PREPARE, "amazon --category Gone --base-url http://127.0.0.1:9/", "http://127.0.0.1:9/"),  # port 9: refused
+    # flags --init-type none would ignore
+    (SASREC, "--project pca", "--project"),
+    (BERT4REC, "--init-transform center", "--init-transform"),
+    (SASREC, "--embeddings {equal-table}", "--embeddings"),
 ]
 
 
 def command_line(script: str, arguments: str, paths: dict[str, Path], out: Path) -> list[str]:
     args = arguments.format(**paths).split()
-    if script != PREPARE:
+    if script not in (PREPARE, REPORT) and "--data" not in args:
         args += ["--data", str(paths["data"])]
-    if "--out" not in args:
+    if script != REPORT and args and "--out" not in args:  # an empty command line stays empty
         args += ["--out", str(out)]
     return args
 
@@ -135,7 +211,7 @@ def assert_one_line_error(status: int, stderr: str, name: str) -> None:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert status != 0, stderr
     assert "Traceback" not in stderr, stderr
-    assert lines and lines[-1].startswith(f"error: {name}"), stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}"), stderr
 
 
 @pytest.mark.parametrize("script, arguments, name", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
@@ -145,7 +221,8 @@ def test_bad_input_ends_in_one_line_and_leaves_nothing(script, arguments, name, 
     out = tmp_path / "out"
     args = command_line(script, arguments, inputs, out)
     given_out = Path(args[args.index("--out") + 1]) if "--out" in args else out
-    before = {path: snapshot(path) for path in (inputs["data"], given_out, inputs["broken-run"])}
+    watched = (inputs["data"], given_out, inputs["broken-run"], inputs["recformer-says-bert"])
+    before = {path: snapshot(path) for path in watched}
     status, stderr = run_in_process(script, args, capsys)
     assert_one_line_error(status, stderr, name.format(**inputs))
     assert {path: snapshot(path) for path in before} == before
