@@ -350,7 +350,7 @@ def create_run_dir(
         out.mkdir(parents=True, exist_ok=True)
     else:
         check_run_dir(out, overwrite, config)
-        if out.is_dir():
+        if overwrite and out.is_dir():  # without it the check found none: emptying could delete a rival's claim
             for entry in list(out.iterdir()):
                 _remove(entry)
         _claim(out)
