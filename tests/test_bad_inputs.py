@@ -265,3 +265,30 @@ def test_args_built_in_python_are_checked_too():
     assert Args(count=3, share=1.0, free=-100).free == -100
     with pytest.raises(FlagError, match="^--count: "):
         Args(count=-2)
+
+
+def test_unknown_flag_keeps_tyros_suggestion(capsys):
+    status, stderr = run_in_process(SASREC, ["--epoch", "3"], capsys)
+    assert status == 2
+    assert stderr.splitlines() == ["error: --epoch: not an option here, did you mean --epochs? (got '--epoch 3')"]
+
+
+def test_help_opens_with_the_description_and_keeps_sentences_on_one_line():
+    """--help shows the first line of the script's docstring, and a help text whose source lines start with a
+    quote or a digit is still one sentence (at a width where every help text fits one line)."""
+    shown = subprocess.run([sys.executable, str(REPO / SASREC), "--help"], capture_output=True, text=True,
+                           env=dict(os.environ, COLUMNS="1000", PYTHONPATH=str(REPO)), timeout=120)  # fmt: skip
+    assert shown.returncode == 0
+    lines = shown.stdout.splitlines()
+    assert lines[2] == "SASRec (Kang & McAuley, 2018) whose item table can start from a language model's item vectors."
+    assert any('"center" minus the mean item vector, "whiten" PCA-whitened' in line for line in lines)
+    assert any("(the paper uses 100 or -1; 100 in every stage); <= 0 ranks the target against" in line for line in lines)
+
+
+def test_seeds_are_32_bit():
+    import train_sasrec
+    from common.cli import FlagError
+
+    assert train_sasrec.Args(seed=2**32 - 1).seed == 2**32 - 1
+    with pytest.raises(FlagError, match=r"^--seed: must be an integer in \[0, 4294967295\] \(got 4294967296\)$"):
+        train_sasrec.Args(seed=2**32)
