@@ -118,7 +118,7 @@ def _creation_problem(path: Path) -> str | None:
     return None
 
 
-def _dangling_link_problem(path: Path) -> str | None:
+def dangling_link_problem(path: Path) -> str | None:
     """A symlink whose target is missing exists for mkdir and rename but not for exists(): name it."""
     if path.is_symlink() and not path.exists():
         return f"is a symlink to {os.readlink(path)}, which does not exist"
@@ -127,7 +127,7 @@ def _dangling_link_problem(path: Path) -> str | None:
 
 def _output_dir_problem(path: Path) -> str | None:
     path = Path(path)
-    if (dangling := _dangling_link_problem(path)) is not None:
+    if (dangling := dangling_link_problem(path)) is not None:
         return dangling
     if not path.exists():
         return _creation_problem(path)
@@ -138,7 +138,7 @@ def _output_dir_problem(path: Path) -> str | None:
 
 def _output_file_problem(path: Path) -> str | None:
     path = Path(path)
-    if (dangling := _dangling_link_problem(path)) is not None:
+    if (dangling := dangling_link_problem(path)) is not None:
         return dangling
     if not path.exists():
         return _creation_problem(path)

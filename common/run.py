@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.cli import dangling_link_problem
+
 T = TypeVar("T")
 INTERRUPTED = 130  # the shell's exit status for a process ended by Ctrl-C (128 + SIGINT)
 
@@ -263,6 +265,8 @@ def file_on_the_way(path: Path) -> Path | None:
 
 def refuse_file_on_the_way(out: Path, kind: str, error: type[Exception]) -> None:
     """Raise `error` when directory `out` is a file or lies under one (`kind` names what it should be)."""
+    if (dangling := dangling_link_problem(out)) is not None:
+        raise error(f"{out}: {dangling}")
     blocker = file_on_the_way(out)
     if blocker == out:
         raise error(f"{out}: is a file, not a {kind}")
@@ -297,6 +301,8 @@ def check_output_file(path: Path, overwrite: bool, config=None) -> None:
         raise OutputError(f"{path}: cannot be created, {blocker} is a file")
     if path.is_dir():
         raise OutputError(f"{path}: is a directory, expected a file path")
+    if (dangling := dangling_link_problem(path)) is not None:
+        raise OutputError(f"{path}: {dangling}")
     read = input_file_at(path, config)
     if read is not None:
         raise OutputError(f"{path}: is {read}, which this command reads; choose another output file")

@@ -164,6 +164,7 @@ CASES = [
     (BERT4REC, "--init-type plm --embeddings {huge-table} --init-transform whiten", "{huge-table}"),
     (SASREC, "--init-type plm --embeddings {pickle}", "{pickle}"),
     (BERT4REC, "--out {dangling}", "--out"),
+    (PREPARE, "synthetic --out {dangling}", "{dangling}"),
     (REPORT, "row={truncated-run}", "{truncated-run}/test_metrics.json"),
     (PREPARE, "amazon --category Gone --base-url http://127.0.0.1:9/", "http://127.0.0.1:9/"),  # port 9: refused
     # flags --init-type none would ignore

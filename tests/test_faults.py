@@ -149,16 +149,22 @@ def test_ctrl_c_during_training_keeps_the_best_checkpoint(data_copy, tmp_path):
     assert "model" in torch.load(out / "best.pt", weights_only=True) and not (out / "test_metrics.json").exists()
 
 
-def test_ctrl_c_before_the_first_checkpoint_removes_the_run(data_copy, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("script, flags", [
+    (SASREC, SMALL_RUN),
+    ("train_bert4rec.py", SMALL_RUN),
+    ("finetune_recformer.py", ["--backbone", "tiny", "--sample-size", "10", "--device", "cpu", "--no-tensorboard"]),
+])  # fmt: skip
+def test_ctrl_c_before_the_first_checkpoint_removes_the_run(script, flags, data_copy, tmp_path, capsys,
+                                                            monkeypatch):  # fmt: skip
     import common.evaluation
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.evaluation, "evaluate", interrupted)  # the first validation, after epoch 1
+    monkeypatch.setattr(common.evaluation, "evaluate", interrupted)  # the first validation
     out = tmp_path / "run"
-    status, stderr = run_in_process(SASREC, ["--data", str(data_copy), "--out", str(out), "--epochs", "1",
-                                             *SMALL_RUN], capsys)  # fmt: skip
+    status, stderr = run_in_process(script, ["--data", str(data_copy), "--out", str(out), "--epochs", "1", *flags],
+                                    capsys)  # fmt: skip
     assert status == 130
     assert stderr_lines(stderr) == [f"interrupted: no checkpoint was written yet, so {out} was removed"], stderr
     assert not out.exists()
