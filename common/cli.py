@@ -8,7 +8,9 @@ A field states what it accepts with a marker in its annotation, e.g.
 `Checked` (the base class of every script's Args) checks the markers when the dataclass is constructed, so
 `main(Args(...))` called from Python is checked as well as the command line; a field without a marker accepts
 whatever its type does. `parse(Args)` replaces `tyro.cli(Args)`: a rejected value prints
-`error: --flag-name: problem (got value)` on one line and exits with status 2, before the script does anything.
+`error: --flag-name: problem (got value)` on one line and exits with status 2, before the script does anything;
+so does a command line tyro itself rejects (a value it cannot read, an unknown flag with tyro's suggestion, a bad
+choice, a missing value or subcommand), through tyro's parse-error hook instead of its multi-line box.
 """
 
 from __future__ import annotations
@@ -275,8 +277,8 @@ def _one_line_hook(args: list[str], unrecognized: list[str]) -> Callable[[Any], 
 def _unrecognized_line(tokens: list[str], box: str) -> str:
     """One line for unknown command-line tokens, keeping the first of tyro's "Perhaps you meant" suggestions."""
     lines = [line.strip("│ ") for line in box.splitlines()]
-    suggestion = next((lines[i + 1].split()[0] for i, line in enumerate(lines[:-1]) if line == "Perhaps you meant:"),
-                      None)  # fmt: skip
+    suggested = next((lines[i + 1].split() for i, line in enumerate(lines[:-1]) if line == "Perhaps you meant:"), [])
+    suggestion = suggested[0] if suggested else None
     flag = next((token for token in tokens if token.startswith("-")), tokens[0])
     if suggestion == flag:
         hint = ", it belongs after a subcommand"
