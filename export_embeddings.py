@@ -41,7 +41,7 @@ from typing import Annotated, Literal, get_args
 
 import torch
 
-from common.cli import Checked, Device, Dtype, NonNegative, OutputFile, Positive
+from common.cli import Checked, Device, Dtype, OutputFile, Positive, Seed
 from common.convert_recformer import BackboneError, load_backbone, paper_item_table
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.distributed import (
@@ -66,6 +66,7 @@ from common.modeling_recformer import RecformerModel, encode_items, set_attentio
 from common.run import (
     OutputError,
     check_output_file,
+    ending_in_one_line,
     precision,
     resolve_device,
     seed_everything,
@@ -99,7 +100,7 @@ class Args(Checked):
     """Autocast precision of the encoder ("auto": bfloat16 on CUDA with bf16 support, else float32); default: the
     --dtype of the run that wrote --checkpoint (its parent's config.json), else auto. The table is stored as
     float32 either way."""
-    seed: Annotated[int, NonNegative] = 42
+    seed: Annotated[int, Seed] = 42
     """Seed for the random parts of a converted backbone (new tables, "tiny")."""
     attention: Literal["fast", "hf"] = "fast"
     """Encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
@@ -143,7 +144,7 @@ def main(args: Args) -> None:
     suffix = ".pt" if args.format == "torch" else ".safetensors"
     out = args.out or default_embeddings_path(args.data).with_suffix(suffix)
     try:
-        check_output_file(out, args.overwrite)
+        check_output_file(out, args.overwrite, args)
         data = load_dataset(args.data)
         if args.table == "stored":
             table = stored_table(args.checkpoint, data)
@@ -176,5 +177,6 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_launched(Args))
+    with ending_in_one_line():
+        main(parse_launched(Args))
     leave_process_group()

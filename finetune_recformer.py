@@ -62,7 +62,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
-from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive
+from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed
 from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.distributed import (
@@ -95,6 +95,7 @@ from common.run import (
     check_run_dir,
     check_same_run,
     create_run_dir,
+    ending_in_one_line,
     parameter_groups,
     precision,
     progress,
@@ -163,7 +164,7 @@ class Args(Checked):
     """Users per evaluation batch."""
     encode_batch_size: Annotated[int, Positive] = 64
     """Items per batch when encoding the item table."""
-    seed: Annotated[int, NonNegative] = 42
+    seed: Annotated[int, Seed] = 42
     """Seed for initialisation, example positions and batch order."""
     device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...; on many processes "auto", "cuda" (each process
@@ -648,5 +649,6 @@ def main(args: Args) -> Run:
 
 
 if __name__ == "__main__":
-    main(parse_launched(Args))
+    with ending_in_one_line("stage1", "stage2"):
+        main(parse_launched(Args))
     leave_process_group()

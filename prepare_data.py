@@ -18,6 +18,7 @@ it to `common.data.write_dataset`, which assigns ids, splits leave-one-out and w
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import html
 import json
@@ -39,6 +40,7 @@ from common.data import (
     PAD,
     DatasetError,
     SeqDataset,
+    reject_duplicate_keys,
     check_replaceable,
     has_text,
     item_attributes,
@@ -46,7 +48,7 @@ from common.data import (
     read_json,
     write_dataset,
 )
-from common.run import progress, save_atomic
+from common.run import OutputError, ending_in_one_line, progress, save_atomic
 
 Sequences = dict[str, list[str]]
 ItemMeta = dict[str, dict[str, str]]
@@ -348,6 +350,30 @@ def _field(path: Path, number: int, record: dict, name: str):
     return record[name]
 
 
+JSON_KINDS = {dict: "an object", list: "an array", bool: "a boolean", type(None): "null", float: "a number"}
+
+
+def _key(where: str, name: str, value) -> str:
+    """A user or item key: a JSON string, or an integer written as one; anything else would be unhashable (an
+    array, an object) or collide with a string key (true, 1.0), so it is an error naming `where`."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise DatasetError(f"{where}: {name} is {JSON_KINDS.get(type(value), type(value).__name__)}, expected a string")
+
+
+def _text(where: str, name: str, value) -> str:
+    """An attribute's text before clean_text: a string or number as it reads, null as ""; a list (Amazon's
+    category, possibly nested) as its texts joined by spaces. An object has no one reading as text, so it is an
+    error naming `where` (str() would turn {'en': 'x'} into the text "{'en': 'x'}")."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(part for part in (_text(where, name, v) for v in value) if part)
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return str(value)
+    raise DatasetError(f"{where}: {name} is {JSON_KINDS.get(type(value), type(value).__name__)}, expected text")
+
+
 def _timestamp(path: Path, number: int, value) -> float:
     try:
         if isinstance(value, bool):
@@ -361,11 +387,14 @@ def _timestamp(path: Path, number: int, value) -> float:
 
 
 def _read_json(path: Path):
+    """A JSON file (gunzipped when .gz); a key given twice in one object is an error (json.loads keeps the last)."""
     text = "\n".join(line for _, line in _lines(path))
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=reject_duplicate_keys)
     except json.JSONDecodeError as error:
         raise DatasetError(f"{path}: invalid JSON ({error})") from None
+    except DatasetError as error:
+        raise DatasetError(f"{path}: {error}") from None
 
 
 def _sorted_by_time(events: dict[str, list[tuple[float, str]]]) -> Sequences:
@@ -400,8 +429,15 @@ def download(url: str, path: Path) -> Path:
 def download_amazon(category: str, directory: Path, base_url: str = AMAZON_2018_URL) -> tuple[Path, Path]:
     """(reviews path, meta path) of one Amazon 2018 category, downloaded into `directory` unless already there."""
     base_url = base_url.rstrip("/")
-    reviews = download(f"{base_url}/categoryFilesSmall/{category}_5.json.gz", directory / f"{category}_5.json.gz")
-    meta = download(f"{base_url}/metaFiles2/meta_{category}.json.gz", directory / f"meta_{category}.json.gz")
+    made = [path for path in (directory, *directory.parents) if not path.exists()]  # innermost first
+    try:
+        reviews = download(f"{base_url}/categoryFilesSmall/{category}_5.json.gz", directory / f"{category}_5.json.gz")
+        meta = download(f"{base_url}/metaFiles2/meta_{category}.json.gz", directory / f"meta_{category}.json.gz")
+    except (DatasetError, OutputError):
+        for path in made:  # a failed download leaves no empty directories of its own (rmdir keeps non-empty ones)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
     return reviews, meta
 
 
@@ -409,17 +445,15 @@ def read_amazon_meta(path: Path) -> ItemMeta:
     """{asin: {"title", "brand", "category"}} for items with a non-empty title; the first record of an asin wins."""
     meta: ItemMeta = {}
     for number, record in _json_lines(path):
-        asin = _field(path, number, record, "asin")
-        title = clean_text(str(record.get("title") or ""))
+        where = f"{path}:{number}"
+        asin = _key(where, "asin", _field(path, number, record, "asin"))
+        title = clean_text(_text(where, "title", record.get("title")))
         if not title or asin in meta:
             continue
-        categories = record.get("category") or []
-        if isinstance(categories, str):
-            categories = [categories]
         meta[asin] = {
             "title": title,
-            "brand": clean_text(str(record.get("brand") or "")),
-            "category": clean_text(" ".join(map(str, categories))),
+            "brand": clean_text(_text(where, "brand", record.get("brand"))),
+            "category": clean_text(_text(where, "category", record.get("category"))),
         }
     return meta
 
@@ -429,9 +463,9 @@ def read_amazon_reviews(path: Path, items: ItemMeta, min_user_interactions: int)
     dropped; users in order of first appearance."""
     events: dict[str, list[tuple[float, str]]] = defaultdict(list)
     for number, record in _json_lines(path):
-        asin = _field(path, number, record, "asin")
+        asin = _key(f"{path}:{number}", "asin", _field(path, number, record, "asin"))
         if asin in items:
-            user = _field(path, number, record, "reviewerID")
+            user = _key(f"{path}:{number}", "reviewerID", _field(path, number, record, "reviewerID"))
             events[user].append((_timestamp(path, number, _field(path, number, record, "unixReviewTime")), asin))
     sequences = _sorted_by_time(events)
     return {user: items_ for user, items_ in sequences.items() if len(items_) >= min_user_interactions}
@@ -630,24 +664,27 @@ def _paper_negatives(path: Path, users: list[int], user_keys: dict, item_keys: d
 # lcrec
 
 
+def lcrec_attributes(where: str, text: dict) -> dict[str, str]:
+    """title, brand, category (the comma-separated categories joined by spaces) of one LC-Rec item."""
+    return {
+        "title": clean_text(_text(where, "title", text.get("title"))),
+        "brand": clean_text(_text(where, "brand", text.get("brand"))),
+        "category": clean_text(_text(where, "categories", text.get("categories")).replace(",", " ")),
+    }
+
+
 def build_lcrec(args: Lcrec) -> tuple[Sequences, ItemMeta]:
     inter, raw_items = _read_json(args.inter), _read_json(args.items)
     if not isinstance(inter, dict) or not all(isinstance(seq, list) and seq for seq in inter.values()):
         raise DatasetError(f"{args.inter}: expected {{user: [item, ...]}} with non-empty lists")
     if not isinstance(raw_items, dict) or not all(isinstance(text, dict) for text in raw_items.values()):
         raise DatasetError(f"{args.items}: expected {{item: {{attribute: text}}}}")
-    sequences = {str(user): [str(item) for item in seq] for user, seq in inter.items()}
+    sequences = {user: [_key(f"{args.inter}: user {user!r}", "an item", item) for item in seq]
+                 for user, seq in inter.items()}  # fmt: skip
     missing = next((item for seq in sequences.values() for item in seq if item not in raw_items), None)
     if missing is not None:
         raise DatasetError(f"{args.items}: item {missing!r} of {args.inter.name} has no entry")
-    meta = {
-        key: {
-            "title": clean_text(str(text.get("title") or "")),
-            "brand": clean_text(str(text.get("brand") or "")),
-            "category": clean_text(str(text.get("categories") or "").replace(",", " ")),
-        }
-        for key, text in raw_items.items()
-    }
+    meta = {key: lcrec_attributes(f"{args.items}: item {key!r}", text) for key, text in raw_items.items()}
     return sequences, meta
 
 
@@ -905,6 +942,7 @@ def run(args: Command) -> dict:
 
 if __name__ == "__main__":
     try:
-        run(parse(Command))
+        with ending_in_one_line():
+            run(parse(Command))
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None

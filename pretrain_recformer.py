@@ -37,7 +37,7 @@ from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
-from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, between
+from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, Seed, between
 from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import DatasetError, Sequences, item_attributes, read_json
 from common.distributed import (
@@ -113,7 +113,7 @@ class Args(Checked):
     """DeepSpeed checkpoints kept in <out>/deepspeed (older ones are deleted)"""
     mlm_probability: Annotated[float, between(0, 1, low_open=True, high_open=True)] = 0.15
     """share of each side's text tokens chosen for masked LM, as whole words"""
-    seed: Annotated[int, NonNegative] = 42
+    seed: Annotated[int, Seed] = 42
     """seeds the weights of new layers, the data order, the pairs, the masks and dropout"""
     log_every: Annotated[int, Positive] = 10
     """optimizer steps between lines in metrics.jsonl"""

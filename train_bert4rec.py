@@ -34,18 +34,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, at_least, between, parse
+from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed, at_least, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
-from common.embeddings import EmbeddingFileError, plm_init
+from common.embeddings import EmbeddingFileError, plm_init, refuse_plm_flags_without_plm
 from common.evaluation import Scorer, check_sample_size, evaluate, metric_scalars, require_users, result_line
 from common.run import (
     EarlyStopping,
     OutputError,
     Scalars,
+    allocate,
     append_jsonl,
     autocast,
     check_run_dir,
     create_run_dir,
+    ending_in_one_line,
     precision,
     progress,
     resolve_device,
@@ -106,7 +108,7 @@ class Args(Checked):
     """Dropout on embeddings, attention weights, sublayer outputs and block outputs."""
     max_len: Annotated[int, at_least(2)] = 50
     """Sequence window, including the appended mask token at evaluation (so at least 2)."""
-    seed: Annotated[int, NonNegative] = 42
+    seed: Annotated[int, Seed] = 42
     """Seed for initialisation, batch order and masking."""
     device: Annotated[str, Device] = "auto"
     """"auto" (CUDA if available), "cpu", "cuda", "cuda:1", ..."""
@@ -124,6 +126,10 @@ class Args(Checked):
     progress bar's loss."""
     tensorboard: bool = True
     """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse_plm_flags_without_plm(self)
 
 
 class BidirectionalBlock(nn.Module):
@@ -291,7 +297,7 @@ def main(args: Args) -> dict[str, float]:
             raise SystemExit(
                 f"error: --num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads"
             )
-        model = BERT4Rec(data.num_items, args)
+        model = allocate(lambda: BERT4Rec(data.num_items, args), "--hidden-size", args.hidden_size)
         if table is not None:
             mask_row = table.new_zeros(1, table.shape[1])  # the paper gives the mask token a zero vector
             model.token_emb.weight.data.copy_(torch.cat([table, mask_row]))
@@ -371,4 +377,5 @@ def main(args: Args) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(parse(Args))
+    with ending_in_one_line("best.pt"):
+        main(parse(Args))

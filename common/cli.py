@@ -8,22 +8,29 @@ A field states what it accepts with a marker in its annotation, e.g.
 `Checked` (the base class of every script's Args) checks the markers when the dataclass is constructed, so
 `main(Args(...))` called from Python is checked as well as the command line; a field without a marker accepts
 whatever its type does. `parse(Args)` replaces `tyro.cli(Args)`: a rejected value prints
-`error: --flag-name: problem (got value)` on one line and exits with status 2, before the script does anything.
+`error: --flag-name: problem (got value)` on one line and exits with status 2, before the script does anything;
+so does a command line tyro itself rejects (a value it cannot read, an unknown flag with tyro's suggestion, a bad
+choice, a missing value or subcommand), through tyro's parse-error hook instead of its multi-line box.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import tyro
+from tyro import _errors as _tyro_errors  # private but pinned (requirements.txt): structured parse errors
+from tyro import _strings as _tyro_strings
 
 T = TypeVar("T")
 
@@ -78,6 +85,9 @@ def between(low: float, high: float, *, low_open: bool = False, high_open: bool 
 
 Positive = rule(lambda v: _finite(v) and v > 0, "must be a number > 0")
 NonNegative = at_least(0)
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; a larger one fails only once the script seeds, after loading
+Seed = rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED,
+            f"must be an integer in [0, {MAX_SEED}]")  # fmt: skip
 
 
 def _device_available(name: str) -> bool:
@@ -110,8 +120,17 @@ def _creation_problem(path: Path) -> str | None:
     return None
 
 
+def dangling_link_problem(path: Path) -> str | None:
+    """A symlink whose target is missing exists for mkdir and rename but not for exists(): name it."""
+    if path.is_symlink() and not path.exists():
+        return f"is a symlink to {os.readlink(path)}, which does not exist"
+    return None
+
+
 def _output_dir_problem(path: Path) -> str | None:
     path = Path(path)
+    if (dangling := dangling_link_problem(path)) is not None:
+        return dangling
     if not path.exists():
         return _creation_problem(path)
     if not path.is_dir():
@@ -121,6 +140,8 @@ def _output_dir_problem(path: Path) -> str | None:
 
 def _output_file_problem(path: Path) -> str | None:
     path = Path(path)
+    if (dangling := dangling_link_problem(path)) is not None:
+        return dangling
     if not path.exists():
         return _creation_problem(path)
     if path.is_dir():
@@ -167,9 +188,120 @@ class Checked:
 
 
 def parse(cls: type[T], args: Sequence[str] | None = None) -> T:
-    """tyro.cli(cls, args=args), with a rejected field value printed as one `error:` line (exit status 2)."""
+    """tyro.cli(cls, args=args) with the script's docstring as the --help description, help texts without hard line
+    breaks, and every rejected command line (a value tyro cannot read, an unknown flag, a bad choice, a missing
+    value or subcommand, a value a Check rejects) printed as one `error:` line, exit status 2."""
+    given = list(sys.argv[1:] if args is None else args)
+    captured = io.StringIO()
+    unrecognized: list[str] = []
     try:
-        return tyro.cli(cls, args=args)
-    except FlagError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(USAGE_ERROR) from None
+        with _flowing_help(), _tyro_errors.on_parse_error(_one_line_hook(given, unrecognized)):
+            with contextlib.redirect_stderr(captured):
+                return tyro.cli(cls, args=given, description=_description(cls))
+    except (_ParseFailure, FlagError) as error:
+        _exit_with(str(error))
+    except SystemExit as stop:
+        if stop.code == USAGE_ERROR and unrecognized:
+            _exit_with(_unrecognized_line(unrecognized, captured.getvalue()))
+        sys.stderr.write(captured.getvalue())
+        raise
+    finally:
+        if sys.exc_info()[0] is None:  # parsed: tyro's warnings, if any, still reach the user
+            sys.stderr.write(captured.getvalue())
+
+
+def _exit_with(line: str) -> NoReturn:
+    print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR) from None
+
+
+class _ParseFailure(Exception):
+    """Raised from tyro's parse-error hook to take over its multi-line error box; the message is our one line."""
+
+
+def _description(cls) -> str:
+    """The first line of the docstring of the script that defines `cls` (a Union of subcommands: of __main__)."""
+    module = sys.modules.get(cls.__module__ if isinstance(cls, type) else "__main__")
+    doc = (getattr(module, "__doc__", None) or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def _value_given(args: list[str], flags: Sequence[str]) -> str | None:
+    """What the command line gave one of `flags` (the token after it, or after "="), or None."""
+    for index, token in enumerate(args):
+        name, equals, value = token.partition("=")
+        if name in flags:
+            return value if equals else (args[index + 1] if index + 1 < len(args) else None)
+    return None
+
+
+def _expected(metavar: str) -> str:
+    """What a value of tyro's `metavar` ("INT", "{None}|FLOAT", "PATH", ...) must be, in words."""
+    kinds = set(metavar.split("|"))
+    if "INT" in kinds:
+        return "must be an integer"
+    if "FLOAT" in kinds:
+        return "must be a number"
+    return f"must be {metavar}"
+
+
+def _one_line_hook(args: list[str], unrecognized: list[str]) -> Callable[[Any], None]:
+    """A tyro parse-error hook raising _ParseFailure with our line; unknown flags are only recorded, because the
+    "did you mean" suggestions exist only in tyro's rendered box (see _unrecognized_line)."""
+
+    def hook(event) -> None:
+        argument = getattr(event, "argument", None)
+        flag = argument.display_name() if argument is not None else None
+        if isinstance(event, _tyro_errors.InstantiationFailure) and argument is not None:
+            value = _value_given(args, argument.lowered.name_or_flags)
+            raise _ParseFailure(f"{flag}: {_expected(str(argument.lowered.metavar))} (got {value!r})")
+        if isinstance(event, _tyro_errors.InvalidChoice):
+            raise _ParseFailure(f"{flag}: must be one of {', '.join(map(str, event.choices))} (got {event.value!r})")
+        if isinstance(event, _tyro_errors.BadValue):
+            raise _ParseFailure(f"{flag}: needs a value (got none)")
+        if isinstance(event, _tyro_errors.MissingArgs):
+            names = [missing.arg.display_name() for missing in event.missing_arguments]
+            others = f", and so are {', '.join(names[1:])}" if len(names) > 1 else ""
+            raise _ParseFailure(f"{names[0]}: required{others} (got none)")
+        if isinstance(event, _tyro_errors.MissingSubcommand):
+            names = ", ".join(event.subcommand_spec.parser_from_name)
+            script, _, subcommands = event.prog.partition(" ")
+            prog = " ".join(filter(None, [Path(script).name, subcommands]))
+            raise _ParseFailure(f"{prog}: needs a subcommand, one of {names} (got none)")
+        if isinstance(event, _tyro_errors.UnrecognizedArgs):
+            unrecognized.extend(event.tokens)
+
+    return hook
+
+
+def _unrecognized_line(tokens: list[str], box: str) -> str:
+    """One line for unknown command-line tokens, keeping the first of tyro's "Perhaps you meant" suggestions."""
+    lines = [line.strip("│ ") for line in box.splitlines()]
+    suggested = next((lines[i + 1].split() for i, line in enumerate(lines[:-1]) if line == "Perhaps you meant:"), [])
+    suggestion = suggested[0] if suggested else None
+    flag = next((token for token in tokens if token.startswith("-")), tokens[0])
+    if suggestion == flag:
+        hint = ", it belongs after a subcommand"
+    elif suggestion is not None:
+        hint = f", did you mean {suggestion}?"
+    else:
+        hint = ""
+    return f"{flag}: not an option here{hint} (got {' '.join(tokens)!r})"
+
+
+def _joined_lines(helptext: str) -> str:
+    """A help text with its paragraphs (split by blank lines) each on one line. tyro keeps a line break before a
+    line that starts with anything but a letter (a quote, a digit, "<="), which breaks sentences in --help."""
+    paragraphs = re.split(r"\n\s*\n", helptext)
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs)
+
+
+@contextlib.contextmanager
+def _flowing_help():
+    """tyro's help texts joined by _joined_lines while parsing (tyro 1.0.17's private line-break helper)."""
+    original = _tyro_strings.remove_single_line_breaks
+    _tyro_strings.remove_single_line_breaks = _joined_lines
+    try:
+        yield
+    finally:
+        _tyro_strings.remove_single_line_breaks = original

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from common.modeling_recformer import RecformerConfig, RecformerModel
-from common.run import save_atomic
+from common.run import load_torch_file, save_atomic
 from common.tokenization_recformer import RecformerTokenizer
 
 hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with the training bars
@@ -125,7 +125,7 @@ def _read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A torch-saved state dict (unwrapped from the paper's {"module": ...}), or a one-line BackboneError."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path)
     except Exception as error:  # noqa: BLE001 -- corrupt or foreign files fail in many ways
         raise BackboneError(f"{path}: not a torch state dict ({type(error).__name__})") from None
     if not isinstance(state, Mapping):
@@ -279,10 +279,24 @@ def _from_hf_encoder(location: str, model_class) -> tuple[nn.Module, RecformerTo
         config.max_token_num + config.pad_token_id + 1
     ):
         config.max_position_embeddings = config.max_token_num + config.pad_token_id + 1
+    source_state = _read_state_dict(directory)
+    _refuse_recformer_weights(source_state, source_config, directory / "config.json")
     model = model_class(config)
-    state, notes = _convert_encoder_state(_read_state_dict(directory), source_config, config, full_state_dict(model))
+    state, notes = _convert_encoder_state(source_state, source_config, config, full_state_dict(model))
     copy_weights(model, state, str(location), notes)
     return model, RecformerTokenizer(tokenizer, config)
+
+
+def _refuse_recformer_weights(state: Mapping[str, torch.Tensor], source_config: Mapping, config_file: Path) -> None:
+    """A BackboneError when a config.json naming a Hugging Face family sits beside a Recformer checkpoint's weights
+    (item position embeddings exist only in Recformer): converting them as that family would move the positions
+    and lose the item table's layout, giving vectors that are silently wrong."""
+    recformer_only = next((name for name in state if "item_position_embeddings" in name), None)
+    if recformer_only is not None:
+        raise BackboneError(
+            f"{config_file}: says model_type {source_config.get('model_type')!r}, but the weights are a Recformer "
+            f"checkpoint's ({recformer_only}); set \"model_type\": \"recformer\" in it to load them as one"
+        )
 
 
 def _from_checkpoint(directory: Path, model_class) -> tuple[nn.Module, RecformerTokenizer]:

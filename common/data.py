@@ -201,7 +201,7 @@ def smap_fingerprint(keys_in_id_order: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(keys_in_id_order).encode("utf-8")).hexdigest()[:16]
 
 
-def _reject_duplicate_keys(pairs):
+def reject_duplicate_keys(pairs):
     keys = [key for key, _ in pairs]
     if len(set(keys)) != len(keys):
         duplicate = next(key for key in keys if keys.count(key) > 1)
@@ -217,7 +217,7 @@ def read_json(path: Path, kind: type = dict):
         raise DatasetError(f"{path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f, object_pairs_hook=_reject_duplicate_keys)
+            data = json.load(f, object_pairs_hook=reject_duplicate_keys)
     except DatasetError as error:
         raise DatasetError(f"{path}: {error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -251,7 +251,7 @@ def _id_map(path: Path) -> dict[str, int]:
 
 def _split_lists(path: Path) -> dict[int, list[int]]:
     raw = read_json(path)
-    split = {}
+    split, keys = {}, {}
     for user, sequence in raw.items():
         if not isinstance(sequence, list):
             raise DatasetError(f"{path}: user {user!r} does not map to a list of integer item ids")
@@ -261,9 +261,13 @@ def _split_lists(path: Path) -> dict[int, list[int]]:
         if not sequence:
             raise DatasetError(f"{path}: user {user!r} has an empty sequence")
         try:
-            split[int(user)] = sequence
+            number = int(user)
         except ValueError:
             raise DatasetError(f"{path}: user id {user!r} is not an integer") from None
+        if number in keys:  # "1" and "01" are one user id: one history would silently replace the other
+            raise DatasetError(f"{path}: user keys {keys[number]!r} and {user!r} are the same user id {number}")
+        keys[number] = user
+        split[number] = sequence
     return split
 
 

@@ -17,8 +17,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from common.cli import FlagError
 from common.data import SeqDataset, read_smap
-from common.run import save_atomic
+from common.run import load_torch_file, save_atomic
 
 TENSOR_NAME = "item_embeddings"
 STAGE_TABLE_FILE = "item_table.safetensors"  # beside a fine-tuning stage's checkpoint: the table its validation used
@@ -68,7 +69,7 @@ def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str] | None]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError):
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = load_torch_file(path)
         except Exception as error:
             # torch's own message spans lines and advises weights_only=False, which would run arbitrary code
             raise EmbeddingFileError(
@@ -79,6 +80,9 @@ def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str] | None]:
         return loaded, None
     if TENSOR_NAME not in tensors:
         raise EmbeddingFileError(f"{path}: no tensor named {TENSOR_NAME!r}")
+    if "dataset_fingerprint" not in metadata:
+        print(f"{path}: no dataset fingerprint in its metadata (not written by export_embeddings.py), so the check "
+              "that it was made for this dataset is skipped; only its row count is checked")
     return tensors[TENSOR_NAME], metadata
 
 
@@ -233,7 +237,41 @@ def initial_item_table(
         return table
     if target_std is None:
         raise ValueError(f"transform {transform!r} needs target_std, the model's random-initialisation std")
-    return transform_items(table, transform, target_std(hidden_size))
+    _check_transformable(path, table, transform)
+    transformed = transform_items(table, transform, target_std(hidden_size))
+    if not torch.isfinite(transformed).all():
+        raise EmbeddingFileError(f"{path}: --init-transform {transform} gives non-finite vectors for this table")
+    return transformed
+
+
+def _check_transformable(path: Path, table: torch.Tensor, transform: str) -> None:
+    """An EmbeddingFileError, before any training, for a table --init-transform center/whiten cannot rescale: item
+    vectors that are all equal (all zero, say) have no spread to rescale (0/0 gives NaN scores after an epoch), and
+    entries so large that their squares overflow float32 would do the same in the model."""
+    items = table[1:].double()
+    if not (items.abs().pow(2).sum(dim=1) < torch.finfo(torch.float32).max).all():
+        largest = float(items.abs().max())
+        raise EmbeddingFileError(
+            f"{path}: entries up to {largest:.3g} are too large for --init-transform {transform} (their squares "
+            "overflow float32)"
+        )
+    if len(items) < 2 or not (items != items[0]).any():
+        raise EmbeddingFileError(f"{path}: every item vector is the same, so --init-transform {transform} has no "
+                                 "spread to rescale")  # fmt: skip
+
+
+PLM_ONLY_FLAGS = {"embeddings": None, "project": "none", "init_transform": "none"}  # field: its unset value
+
+
+def refuse_plm_flags_without_plm(args) -> None:
+    """FlagError for a flag about the PLM table (--embeddings, --project, --init-transform) given with --init-type
+    none, which would ignore it without a word. Called by the recommenders' Args on construction."""
+    if args.init_type == "plm":
+        return
+    for name, unset in PLM_ONLY_FLAGS.items():
+        value = getattr(args, name)
+        if value != unset:
+            raise FlagError(name, "applies only with --init-type plm, which this run does not use", value)
 
 
 def plm_init(

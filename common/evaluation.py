@@ -103,7 +103,6 @@ def sample_negatives(data: SeqDataset, sample_size: int, seed: int = NEGATIVE_SE
     if negatives is not None:
         return negatives
     negatives = _draw_unseen_items(data, sample_size, np.random.default_rng(seed))
-    directory.mkdir(exist_ok=True)
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object, because np.save would append ".npy" to the temporary name

@@ -28,6 +28,18 @@ class Args(Checked):
             raise FlagError("runs", "needs at least one NAME=RUN_DIR", self.runs)
 
 
+def read_metrics(path: Path) -> dict:
+    """A run's test_metrics.json with every column of the table; a truncated or foreign file is a one-line error."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: {path}: not valid JSON ({error}); was the run's write cut short?") from None
+    missing = [c for c in COLUMNS if not isinstance(metrics, dict) or not isinstance(metrics.get(c), (int, float))]
+    if missing:
+        raise SystemExit(f"error: {path}: no number for {', '.join(missing)}; not a run's test metrics")
+    return metrics
+
+
 def comparison_table(runs: dict[str, Path]) -> str:
     """A fixed-width table: one row per run, the test metrics in COLUMNS."""
     width = max(len(name) for name in runs)
@@ -36,7 +48,7 @@ def comparison_table(runs: dict[str, Path]) -> str:
         metrics_file = Path(run) / "test_metrics.json"
         if not metrics_file.exists():
             raise SystemExit(f"error: {metrics_file}: not found (did the run finish?)")
-        metrics = json.loads(metrics_file.read_text())
+        metrics = read_metrics(metrics_file)
         lines.append(f"{name:<{width}}  " + "  ".join(f"{metrics[c]:>7.4f}" for c in COLUMNS))
     return "\n".join(lines)
 

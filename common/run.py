@@ -6,21 +6,32 @@ Helpers, not a trainer: each stage script keeps its own loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import glob
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from common.cli import dangling_link_problem
+
+T = TypeVar("T")
+INTERRUPTED = 130  # the shell's exit status for a process ended by Ctrl-C (128 + SIGINT)
 
 
 def seed_everything(seed: int) -> None:
@@ -66,6 +77,33 @@ def _jsonable(value):
 
 class OutputError(ValueError):
     """An output path cannot be used (it holds something else, or lies under a file); one line naming the path."""
+
+
+class WriteError(OutputError):
+    """The file system refused a write (disk full, read-only, no permission); one line naming the path."""
+
+
+# errno values that mean "this file system will not take the write", as opposed to a bug or a network failure
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO})
+
+
+def _write_refusal(error: BaseException, directory: Path) -> str | None:
+    """The OS reason a write into `directory` failed, or None when `error` is not a refused write.
+
+    An OSError says it itself (also when torch wrapped it, as its __context__); torch.save to a path raises a
+    RuntimeError without the errno, so then the file system is asked: no space left, or mounted read-only."""
+    for cause in (error, error.__context__, error.__cause__):
+        if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
+            return os.strerror(cause.errno)
+    if not isinstance(error, RuntimeError):
+        return None
+    try:
+        status = os.statvfs(directory)
+    except OSError:
+        return None
+    if status.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    return os.strerror(errno.ENOSPC) if status.f_bavail == 0 else None
 
 
 def _tmp_prefix(path: Path) -> str:
@@ -132,18 +170,30 @@ def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
     call (or `recover`) completes it. One writer per `path` at a time.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
     tmp = _new_tmp(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recover(path)
         write(tmp)
         _give_default_modes(tmp)
         if path.is_dir() and tmp.is_dir():
             _swap_in(tmp, path)
         else:
             os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        reason = _write_refusal(error, _nearest_existing(path.parent))
+        if reason is None:
+            raise
+        raise WriteError(f"{path}: cannot write it ({reason})") from None
     finally:
-        _remove(tmp)
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _give_default_modes(path: Path) -> None:
@@ -180,6 +230,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def load_torch_file(path: Path):
+    """torch.load(path) on the CPU with weights_only=True (no code can run from the file), without the warning
+    torch prints for a plain pickle of another protocol, which would precede our one-line error about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
@@ -188,8 +246,13 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        raise WriteError(f"{path}: cannot write it ({os.strerror(error.errno)})") from None
 
 
 def file_on_the_way(path: Path) -> Path | None:
@@ -202,6 +265,8 @@ def file_on_the_way(path: Path) -> Path | None:
 
 def refuse_file_on_the_way(out: Path, kind: str, error: type[Exception]) -> None:
     """Raise `error` when directory `out` is a file or lies under one (`kind` names what it should be)."""
+    if (dangling := dangling_link_problem(out)) is not None:
+        raise error(f"{out}: {dangling}")
     blocker = file_on_the_way(out)
     if blocker == out:
         raise error(f"{out}: is a file, not a {kind}")
@@ -227,16 +292,36 @@ def protected_path_inside(out: Path, config) -> Path | None:
     return next((p for p in [Path.cwd(), *_input_paths(config)] if p.resolve().is_relative_to(out)), None)
 
 
-def check_output_file(path: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output file path that holds a file (unless `overwrite`) or cannot hold one."""
+def check_output_file(path: Path, overwrite: bool, config=None) -> None:
+    """Refuse, before any work, an output file path that holds a file (unless `overwrite`), cannot hold one, or is
+    one of the inputs `config` names (even with `overwrite`)."""
     path = Path(path)
     blocker = file_on_the_way(path.parent)
     if blocker is not None:
         raise OutputError(f"{path}: cannot be created, {blocker} is a file")
     if path.is_dir():
         raise OutputError(f"{path}: is a directory, expected a file path")
+    if (dangling := dangling_link_problem(path)) is not None:
+        raise OutputError(f"{path}: {dangling}")
+    read = input_file_at(path, config)
+    if read is not None:
+        raise OutputError(f"{path}: is {read}, which this command reads; choose another output file")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+
+
+def input_file_at(path: Path, config) -> Path | None:
+    """The input of `config` that writing `path` would replace: an input file itself, or a file directly in an
+    input directory (a dataset's train.json, a checkpoint's model.safetensors); None when there is none. Files in
+    subdirectories of an input (<data>/embeddings/, the caches) are outputs, not inputs."""
+    if not Path(path).exists():
+        return None
+    target = Path(path).resolve()
+    for source in _input_paths(config):
+        source = source.resolve()
+        if target == source or (source.is_dir() and target.parent == source):
+            return source if target == source else target
+    return None
 
 
 def check_run_dir(out: Path | None, overwrite: bool, config=None) -> None:
@@ -267,12 +352,14 @@ def create_run_dir(
     if out is None:
         out = Path("runs") / stage / f"{Path(data).name}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
-    if not resume:
+    if resume:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
         check_run_dir(out, overwrite, config)
-        if out.is_dir():
+        if overwrite and out.is_dir():  # without it the check found none: emptying could delete a rival's claim
             for entry in list(out.iterdir()):
                 _remove(entry)
-    out.mkdir(parents=True, exist_ok=True)
+        _claim(out)
     write_json_atomic(out / "config.json", config)
     return out
 
@@ -292,6 +379,86 @@ def check_same_run(out: Path, config, may_change: set[str]) -> None:
         raise OutputError(
             f"{saved_file}: --resume with other settings than the run's ({flags}); resume as it was started"
         )
+
+
+@dataclasses.dataclass
+class _Claim:
+    """The run directory this process claimed (a process runs one stage), for ending_in_one_line."""
+
+    run_dir: Path | None = None
+    created: bool = False  # made by this run, not given existing (and empty) by the user
+
+
+_claimed = _Claim()
+
+
+def _claim(out: Path) -> None:
+    """Make the empty run directory `out` this run's, atomically: two runs started at once on one --out both pass
+    check_run_dir, and only one may win. The claim is creating its config.json with O_EXCL (fails when it exists),
+    in the directory made here unless it existed; the loser gets a one-line OutputError."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        created = True
+        try:
+            os.mkdir(out)
+        except FileExistsError:
+            created = False
+        os.close(os.open(out / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise OutputError(f"{out}: another run started in it at the same time; choose another --out") from None
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        raise WriteError(f"{out}: cannot create the run directory ({os.strerror(error.errno)})") from None
+    _claimed.run_dir, _claimed.created = out, created
+
+
+@contextlib.contextmanager
+def ending_in_one_line(*checkpoints: str) -> Iterator[None]:
+    """Around a stage's main(): Ctrl-C (exit status 130) or a refused write (a full disk) ends it with one line
+    saying what was kept where. A run directory holds a best checkpoint (one of `checkpoints`, names inside it) or
+    nothing: with none written yet, the directory the run claimed is removed (emptied, if the user gave it
+    existing); otherwise it is kept, and its missing test_metrics.json marks it unfinished. Of many processes, the
+    one that claimed the directory (rank 0) is the one that reports and clears it."""
+    _claimed.run_dir = None
+    try:
+        yield
+    except KeyboardInterrupt:
+        left = _what_was_kept(checkpoints) if _claimed.run_dir else "this process wrote no run directory"
+        print(f"interrupted: {left}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
+    except OutputError as error:  # a refused write, or losing the claim on --out (then nothing is ours)
+        left = f"; {_what_was_kept(checkpoints)}" if _claimed.run_dir else ""
+        raise SystemExit(f"error: {error}{left}") from None
+
+
+def _what_was_kept(checkpoints: Sequence[str]) -> str:
+    """What the run in the claimed directory leaves, in words; removes it when it holds no checkpoint."""
+    run_dir = _claimed.run_dir
+    kept = [str(run_dir / name) for name in checkpoints if (run_dir / name).exists()]
+    if kept:
+        return f"kept the best checkpoint {' and '.join(kept)} (no test_metrics.json: the run did not finish)"
+    try:
+        if _claimed.created:
+            _remove(run_dir)
+        else:
+            for entry in list(run_dir.iterdir()):
+                _remove(entry)
+    except OSError as error:
+        return f"no checkpoint was written yet; {run_dir} could not be cleared ({error.strerror})"
+    return f"no checkpoint was written yet, so {run_dir} was {'removed' if _claimed.created else 'emptied'}"
+
+
+def allocate(build: Callable[[], T], flag: str, value) -> T:
+    """build() (a model), with an out-of-memory failure turned into one line naming the flag that sized it."""
+    try:
+        return build()
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        size = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(error))
+        if size is None and not isinstance(error, torch.OutOfMemoryError):
+            raise
+        tried = f": it tried to allocate {size.group(1)}" if size else ""
+        raise SystemExit(f"error: {flag}: the model does not fit in memory at {value}{tried}") from None
 
 
 class EarlyStopping:

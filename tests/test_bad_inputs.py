@@ -51,7 +51,52 @@ def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     (paths["broken-run"] / "deepspeed" / "step00000002").mkdir(parents=True)
     (paths["broken-run"] / "deepspeed" / "latest").write_text("step00000002")
     write_json_atomic(paths["broken-run"] / "config.json", PretrainArgs(data=paths["data"], out=paths["broken-run"]))
+    paths.update(source_files(root, data))
     paper_files(root, paths)
+    return paths
+
+
+def source_files(root: Path, data: Path) -> dict[str, Path]:
+    """Inputs that used to pass and give silently wrong results or tracebacks, by short name."""
+    import pickle
+
+    from common.convert_recformer import load_backbone, save_checkpoint
+    from common.data import load_dataset
+    from common.embeddings import save_item_embeddings
+    from common.modeling_recformer import RecformerModel
+    from common.tokenization_recformer import item_texts
+
+    paths = {name: root / name for name in ("colliding-users", "recformer-says-bert", "dangling")}
+    shutil.copytree(data, paths["colliding-users"])  # "1" and "01" are both user 1
+    train = json.loads((data / "train.json").read_text())
+    (paths["colliding-users"] / "train.json").write_text(json.dumps({**train, "01": train["2"]}))
+    dataset = load_dataset(data)
+    model, tokenizer = load_backbone("tiny", RecformerModel, item_texts(dataset))
+    save_checkpoint(paths["recformer-says-bert"], model, tokenizer)
+    config_file = paths["recformer-says-bert"] / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"model_type": "bert"}))
+    paths["dangling"].symlink_to(root / "nowhere")
+    texts = {
+        "lcrec-twice": '{"u1": ["0", "1", "0"], "u1": ["1", "0", "1"]}',
+        "lcrec-boolean": '{"u1": [true, false, true]}',
+        "lcrec-items": '{"0": {"title": "a"}, "1": {"title": "b"}, "True": {"title": "c"}}',
+        "amazon-reviews": '{"reviewerID": "u", "asin": "A", "unixReviewTime": 1}\n',
+        "amazon-list-user": '{"reviewerID": ["u"], "asin": "A", "unixReviewTime": 1}\n',
+        "amazon-meta": '{"asin": "A", "title": "x"}\n',
+        "amazon-object-title": '{"asin": "A", "title": {"en": "x"}}\n',
+    }
+    for name, text in texts.items():
+        paths[name] = root / f"{name}.json"
+        paths[name].write_text(text)
+    rows = dataset.num_items + 1
+    for name, table in (("equal-table", torch.ones(rows, 8)), ("huge-table", torch.randn(rows, 8) * 1e37)):
+        paths[name] = root / f"{name}.safetensors"
+        save_item_embeddings(paths[name], table, dataset, "test")
+    paths["pickle"] = root / "table.pt"  # a plain pickle of protocol 4, the kind torch warns about
+    paths["pickle"].write_bytes(pickle.dumps({"table": [1.0, 2.0]}, protocol=4))
+    paths["truncated-run"] = root / "truncated-run"
+    paths["truncated-run"].mkdir()
+    (paths["truncated-run"] / "test_metrics.json").write_text('{"HR@1": 0.1, "HR@')
     return paths
 
 
@@ -74,9 +119,9 @@ def paper_files(root: Path, paths: dict[str, Path]) -> None:
     torch.save(torch.zeros(121, 8), paths["bare-tensor"])
 
 
-SASREC, BERT4REC, FINETUNE, EXPORT, PRETRAIN, PREPARE = (
+SASREC, BERT4REC, FINETUNE, EXPORT, PRETRAIN, PREPARE, REPORT = (
     "train_sasrec.py", "train_bert4rec.py", "finetune_recformer.py", "export_embeddings.py", "pretrain_recformer.py",
-    "prepare_data.py",
+    "prepare_data.py", "common/report.py",
 )  # fmt: skip
 
 # (script, arguments, the name the error line must start with); {name} is a path from `inputs`, {out} the output
@@ -120,14 +165,46 @@ CASES = [
     (PREPARE, "paper --pkl {paper-pickle} --negatives {short-negatives}", "{short-negatives}"),
     (SASREC, "--init-type plm --embeddings {bare-tensor}", "{bare-tensor}: a bare tensor"),
     (EXPORT, "--checkpoint tiny --table stored", "--table stored"),
+    # command lines tyro cannot read: a bad number, an empty value, an unknown flag, a bad choice, no subcommand
+    (SASREC, "--epochs 1.5", "--epochs"),
+    (BERT4REC, "--lr=", "--lr"),
+    (FINETUNE, "--epoch 3", "--epoch"),
+    (SASREC, "--loss hinge", "--loss"),
+    (PREPARE, "", "prepare_data.py"),
+    (EXPORT, "--checkpoint tiny --seed 4294967296", "--seed"),  # numpy seeds are 32-bit
+    # an output that is one of the command's own inputs, even with --overwrite
+    (EXPORT, "--checkpoint tiny --out {data}/train.json --overwrite", "{data}/train.json"),
+    (EXPORT, "--checkpoint {recformer-says-bert} --out {recformer-says-bert}/model.safetensors --overwrite",
+     "{recformer-says-bert}/model.safetensors"),
+    # inputs that used to give silently wrong results
+    (PREPARE, "recformer --dir {colliding-users}", "{colliding-users}/train.json"),
+    (SASREC, "--data {colliding-users}", "{colliding-users}/train.json"),
+    (PREPARE, "lcrec --inter {lcrec-twice} --items {lcrec-items}", "{lcrec-twice}"),
+    (PREPARE, "lcrec --inter {lcrec-boolean} --items {lcrec-items}", "{lcrec-boolean}"),
+    (PREPARE, "amazon --reviews {amazon-reviews} --meta {amazon-object-title}",
+     "{amazon-object-title}:1"),
+    (PREPARE, "amazon --reviews {amazon-list-user} --meta {amazon-meta}", "{amazon-list-user}:1"),
+    (EXPORT, "--checkpoint {recformer-says-bert}", "{recformer-says-bert}/config.json"),
+    # inputs that used to end in a traceback or NaN scores after an epoch
+    (SASREC, "--init-type plm --embeddings {equal-table} --init-transform center", "{equal-table}"),
+    (BERT4REC, "--init-type plm --embeddings {huge-table} --init-transform whiten", "{huge-table}"),
+    (SASREC, "--init-type plm --embeddings {pickle}", "{pickle}"),
+    (BERT4REC, "--out {dangling}", "--out"),
+    (PREPARE, "synthetic --out {dangling}", "{dangling}"),
+    (REPORT, "row={truncated-run}", "{truncated-run}/test_metrics.json"),
+    (PREPARE, "amazon --category Gone --base-url http://127.0.0.1:9/", "http://127.0.0.1:9/"),  # port 9: refused
+    # flags --init-type none would ignore
+    (SASREC, "--project pca", "--project"),
+    (BERT4REC, "--init-transform center", "--init-transform"),
+    (SASREC, "--embeddings {equal-table}", "--embeddings"),
 ]
 
 
 def command_line(script: str, arguments: str, paths: dict[str, Path], out: Path) -> list[str]:
     args = arguments.format(**paths).split()
-    if script != PREPARE:
+    if script not in (PREPARE, REPORT) and "--data" not in args:
         args += ["--data", str(paths["data"])]
-    if "--out" not in args:
+    if script != REPORT and args and "--out" not in args:  # an empty command line stays empty
         args += ["--out", str(out)]
     return args
 
@@ -161,7 +238,7 @@ def assert_one_line_error(status: int, stderr: str, name: str) -> None:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert status != 0, stderr
     assert "Traceback" not in stderr, stderr
-    assert lines and lines[-1].startswith(f"error: {name}"), stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}"), stderr
 
 
 @pytest.mark.parametrize("script, arguments, name", CASES, ids=[f"{c[0]} {c[1]}" for c in CASES])
@@ -171,7 +248,8 @@ def test_bad_input_ends_in_one_line_and_leaves_nothing(script, arguments, name, 
     out = tmp_path / "out"
     args = command_line(script, arguments, inputs, out)
     given_out = Path(args[args.index("--out") + 1]) if "--out" in args else out
-    before = {path: snapshot(path) for path in (inputs["data"], given_out, inputs["broken-run"])}
+    watched = (inputs["data"], given_out, inputs["broken-run"], inputs["recformer-says-bert"])
+    before = {path: snapshot(path) for path in watched}
     status, stderr = run_in_process(script, args, capsys)
     assert_one_line_error(status, stderr, name.format(**inputs))
     assert {path: snapshot(path) for path in before} == before
@@ -214,3 +292,31 @@ def test_args_built_in_python_are_checked_too():
     assert Args(count=3, share=1.0, free=-100).free == -100
     with pytest.raises(FlagError, match="^--count: "):
         Args(count=-2)
+
+
+def test_unknown_flag_keeps_tyros_suggestion(capsys):
+    status, stderr = run_in_process(SASREC, ["--epoch", "3"], capsys)
+    assert status == 2
+    assert stderr.splitlines() == ["error: --epoch: not an option here, did you mean --epochs? (got '--epoch 3')"]
+
+
+def test_help_opens_with_the_description_and_keeps_sentences_on_one_line():
+    """--help shows the first line of the script's docstring, and a help text whose source lines start with a
+    quote or a digit is still one sentence (at a width where every help text fits one line)."""
+    shown = subprocess.run([sys.executable, str(REPO / SASREC), "--help"], capture_output=True, text=True,
+                           env=dict(os.environ, COLUMNS="1000", PYTHONPATH=str(REPO)), timeout=120)  # fmt: skip
+    assert shown.returncode == 0
+    lines = shown.stdout.splitlines()
+    assert lines[2] == "SASRec (Kang & McAuley, 2018) whose item table can start from a language model's item vectors."
+    assert any('"center" minus the mean item vector, "whiten" PCA-whitened' in line for line in lines)
+    sentence = "(the paper uses 100 or -1; 100 in every stage); <= 0 ranks the target against"
+    assert any(sentence in line for line in lines)
+
+
+def test_seeds_are_32_bit():
+    import train_sasrec
+    from common.cli import FlagError
+
+    assert train_sasrec.Args(seed=2**32 - 1).seed == 2**32 - 1
+    with pytest.raises(FlagError, match=r"^--seed: must be an integer in \[0, 4294967295\] \(got 4294967296\)$"):
+        train_sasrec.Args(seed=2**32)

@@ -31,9 +31,9 @@ RUN = ["--backbone", "tiny", "--batch-size", "8", "--grad-accum", "1", "--lr", "
        "--sample-size", str(SAMPLE_SIZE), "--eval-batch-size", "16", "--encode-batch-size", "16", "--device", "cpu",
        "--seed", "3", "--log-every", "1"]  # fmt: skip
 
-# finetune_recformer.main (--log-every 1: a TensorBoard loss point per step), then this rank's weights and item table saved, so the
-# test can compare the ranks; then, without dropout, the averaged gradient of one optimizer step (2 x 8 users), which
-# the test recomputes on one process.
+# finetune_recformer.main (--log-every 1: a TensorBoard loss point per step), then this rank's weights and item table
+# saved, so the test can compare the ranks; then, without dropout, the averaged gradient of one optimizer step
+# (2 x 8 users), which the test recomputes on one process.
 WORKER = textwrap.dedent(f"""
     import sys
     sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]

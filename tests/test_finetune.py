@@ -141,6 +141,14 @@ def test_a_validation_tie_tests_stage_1(synthetic_data, tmp_path):
     assert json.loads((out / "test_metrics.json").read_text())["stage"] == 1
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The schedule's definition, as a fraction of --lr: linear warm-up from 0, then linear decay to 0 at
+    total_steps."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
 @pytest.mark.parametrize("warmup_steps, total_steps, factors", [
     (3, 10, [0, 1 / 3, 2 / 3, 1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0, 0]),
     (0, 4, [1, 3 / 4, 2 / 4, 1 / 4, 0, 0]),
@@ -177,7 +185,7 @@ def test_tensorboard_curves_are_the_runs_metrics(two_stage_run, read_scalars):
             assert np.dot(step_losses, examples) / 300 == pytest.approx(r["train_loss"], rel=1e-6)
         lrs = [(x, y) for x, y in scalars[f"stage{stage}/train/lr"]]
         total = 2 * STEPS_PER_EPOCH
-        assert lrs == [(x, pytest.approx(LR * old_lr_factor(x - 1, WARMUP_STEPS, total))) for x in range(1, total + 1)]
+        assert lrs == [(x, pytest.approx(LR * lr_factor(x - 1, WARMUP_STEPS, total))) for x in range(1, total + 1)]
     test = json.loads((out / "test_metrics.json").read_text())
     assert {tag: points for tag, points in scalars.items() if tag.startswith("test/")} == {
         f"test/{name}": [(0, pytest.approx(test[name]))] for name in metric_names()

@@ -280,3 +280,18 @@ def test_pca_cannot_widen_vectors(data, tmp_path):
     with pytest.raises(SystemExit, match="PCA cannot produce 16 dimensions"):
         train_sasrec.main(sasrec_args(data, tmp_path, project="pca"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_safetensors_table_without_our_metadata_says_the_dataset_check_is_skipped(data, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from common.embeddings import load_item_embeddings
+
+    path = tmp_path / "foreign.safetensors"
+    table = plm_table(data, 8)
+    save_file({"item_embeddings": table}, str(path))  # no metadata: not written by export_embeddings.py
+    assert torch.equal(load_item_embeddings(path, data), table)
+    assert f"{path}: no dataset fingerprint in its metadata" in capsys.readouterr().out
+    save_item_embeddings(path, table, data, "test")
+    load_item_embeddings(path, data)
+    assert capsys.readouterr().out == ""

@@ -1,0 +1,226 @@
+"""Faults in the middle of a stage end in one line and leave no half-written run.
+
+A full disk and a read-only file system are real small tmpfs mounts where the test may mount one (as root), else
+monkeypatched writes failing with the same errno; Ctrl-C is a real SIGINT to a training subprocess; two runs on one
+--out are two threads held together until both have passed the up-front check; a model too large for memory is a
+subprocess under an address-space limit. Stage scripts run in this process as in test_bad_inputs.py.
+"""
+
+import errno
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from test_bad_inputs import run_in_process
+
+SASREC = "train_sasrec.py"
+SMALL_RUN = ["--hidden-size", "16", "--sample-size", "10", "--device", "cpu", "--no-tensorboard"]
+
+
+def stderr_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def mount_tmpfs(directory: Path, options: str) -> bool:
+    """Mount a tmpfs on `directory`; False where this process may not (not root, no mount, a container)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                          capture_output=True).returncode == 0  # fmt: skip
+
+
+@pytest.fixture
+def data_copy(synthetic_data, tmp_path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(synthetic_data, copy)
+    return copy
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """A directory whose file system fills after a few KiB: a 16 KiB tmpfs, else a torch.save failing as a full
+    disk makes it fail (config.json and metrics.jsonl fit either way, a checkpoint does not)."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    mounted = mount_tmpfs(directory, "size=16k")
+    if not mounted:
+        def no_space(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", no_space)
+    yield directory
+    if mounted:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """(directory, seal): files put in the directory stay readable; after seal() nothing can be created in it (a
+    tmpfs remounted read-only, else os.mkdir under it failing with EROFS, where every atomic write starts)."""
+    directory = tmp_path / "sealed"
+    directory.mkdir()
+    mounted = mount_tmpfs(directory, "size=8m")
+
+    def seal() -> None:
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(directory)], check=True)
+            return
+        real_mkdir = os.mkdir
+
+        def refusing_mkdir(path, *args, **kwargs):
+            if Path(path).absolute().is_relative_to(directory):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", refusing_mkdir)
+
+    yield directory, seal
+    if mounted:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_full_disk_at_the_first_checkpoint_leaves_no_run(data_copy, full_disk, capsys):
+    out = full_disk / "run"
+    status, stderr = run_in_process(SASREC, ["--data", str(data_copy), "--out", str(out), "--epochs", "1",
+                                             *SMALL_RUN], capsys)  # fmt: skip
+    assert status == 1 and stderr_lines(stderr) == [
+        f"error: {out}/best.pt: cannot write it (No space left on device); "
+        f"no checkpoint was written yet, so {out} was removed"
+    ], stderr
+    assert list(full_disk.iterdir()) == []  # neither the run directory nor a temporary file
+
+
+def test_read_only_output_of_prepare_data(read_only, capsys):
+    directory, seal = read_only
+    seal()
+    out = directory / "synthetic"
+    status, stderr = run_in_process("prepare_data.py", ["synthetic", "--users", "20", "--items", "30", "--out",
+                                                        str(out)], capsys)  # fmt: skip
+    assert status == 1 and len(stderr_lines(stderr)) == 1, stderr
+    assert stderr.startswith(f"error: {out}: cannot write it (Read-only file system)"), stderr
+    assert list(directory.iterdir()) == []
+
+
+def test_read_only_dataset_cannot_take_the_negatives_cache(data_copy, read_only, tmp_path, capsys):
+    directory, seal = read_only
+    data = directory / "data"
+    shutil.copytree(data_copy, data)
+    seal()
+    out = tmp_path / "run"
+    status, stderr = run_in_process(SASREC, ["--data", str(data), "--out", str(out), "--epochs", "1", *SMALL_RUN],
+                                    capsys)  # fmt: skip
+    lines = stderr_lines(stderr)
+    assert status == 1 and len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: {data}/negatives/sample10-seed98765-"), stderr
+    assert lines[0].endswith(f"cannot write it (Read-only file system); no checkpoint was written yet, so {out} "
+                             "was removed"), stderr  # fmt: skip
+    assert not out.exists() and sorted(p.name for p in data.iterdir()) == sorted(p.name for p in data_copy.iterdir())
+
+
+def test_ctrl_c_during_training_keeps_the_best_checkpoint(data_copy, tmp_path):
+    """A real SIGINT once the first best.pt exists: exit status 130, one line naming it, no test result."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, str(REPO / SASREC), "--data", str(data_copy), "--out", str(out), "--epochs", "1000",
+               "--patience", "1000", *SMALL_RUN]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "best.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr_lines(stderr) == [
+        f"interrupted: kept the best checkpoint {out}/best.pt (no test_metrics.json: the run did not finish)"
+    ], stderr
+    assert "model" in torch.load(out / "best.pt", weights_only=True) and not (out / "test_metrics.json").exists()
+
+
+@pytest.mark.parametrize("script, flags", [
+    (SASREC, SMALL_RUN),
+    ("train_bert4rec.py", SMALL_RUN),
+    ("finetune_recformer.py", ["--backbone", "tiny", "--sample-size", "10", "--device", "cpu", "--no-tensorboard"]),
+])  # fmt: skip
+def test_ctrl_c_before_the_first_checkpoint_removes_the_run(script, flags, data_copy, tmp_path, capsys,
+                                                            monkeypatch):  # fmt: skip
+    import common.evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.evaluation, "evaluate", interrupted)  # the first validation
+    out = tmp_path / "run"
+    status, stderr = run_in_process(script, ["--data", str(data_copy), "--out", str(out), "--epochs", "1", *flags],
+                                    capsys)  # fmt: skip
+    assert status == 130
+    assert stderr_lines(stderr) == [f"interrupted: no checkpoint was written yet, so {out} was removed"], stderr
+    assert not out.exists()
+
+
+def test_two_runs_started_at_once_on_one_out(tmp_path, monkeypatch):
+    """Both runs pass the up-front check (the barrier holds each until the other has too); one claims --out, the
+    other gets one line and leaves the winner's directory alone."""
+    import common.run
+    from common.run import OutputError, create_run_dir, ending_in_one_line
+
+    out, both_checked = tmp_path / "run", threading.Barrier(2, timeout=30)
+    real_check = common.run.check_run_dir
+
+    def check_then_wait(*args, **kwargs):
+        real_check(*args, **kwargs)
+        both_checked.wait()
+
+    monkeypatch.setattr(common.run, "check_run_dir", check_then_wait)
+    outcomes = []
+
+    def start(name: str) -> None:
+        try:
+            outcomes.append((name, create_run_dir(out, "test", tmp_path, "x", {"run": name})))
+        except OutputError as error:
+            outcomes.append((name, error))
+
+    threads = [threading.Thread(target=start, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [(name, result) for name, result in outcomes if isinstance(result, Path)]
+    losers = [result for _, result in outcomes if isinstance(result, OutputError)]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    assert str(losers[0]) == f"{out}: another run started in it at the same time; choose another --out"
+    assert (out / "config.json").read_text().count(winners[0][0]) == 1
+    with pytest.raises(SystemExit, match=rf"^error: {out}: another run started in it at the same time"):
+        with ending_in_one_line("best.pt"):
+            raise losers[0]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # the winner's run is left alone
+
+
+def test_a_model_too_large_for_memory_is_one_line(data_copy, tmp_path):
+    """Under a 6 GiB address-space limit, SASRec at width 60000 (a 43 GB attention projection) cannot be built."""
+    limit = 6 << 30
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, str(REPO / SASREC), "--data", str(data_copy), "--out", str(tmp_path / "run"),
+               "--hidden-size", "60000", "--device", "cpu"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_memory)  # fmt: skip
+    assert result.returncode == 1 and len(stderr_lines(result.stderr)) == 1, result.stderr
+    assert result.stderr.startswith("error: --hidden-size: the model does not fit in memory at 60000: it tried to "
+                                    "allocate "), result.stderr  # fmt: skip
+    assert not (tmp_path / "run").exists()
