@@ -72,7 +72,7 @@ class Args(Checked):
     """corpus directory with train.json, dev.json and meta_data.json (`prepare_data.py pretrain-corpus` builds one)"""
     backbone: str = "tiny"
     """model to start from: any form `common/convert_recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder,
-    Recformer checkpoint directory, the paper's .bin files, or `tiny`)"""
+    Recformer checkpoint directory, the paper's .bin files, `tiny`, or `minilm`)"""
     out: Annotated[Path | None, OutputDir] = None
     """run directory (default runs/pretrain/<corpus>-<backbone>-<timestamp>)"""
     overwrite: bool = False
