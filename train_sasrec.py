@@ -36,7 +36,7 @@ from torch import nn
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
-from common.embeddings import EmbeddingFileError, plm_init
+from common.embeddings import EmbeddingFileError, announce_item_table, plm_init, run_tag
 from common.evaluation import Scorer, check_sample_size, evaluate, metric_scalars, require_users, result_line
 from common.run import (
     EarlyStopping,
@@ -63,7 +63,7 @@ class Args(Checked):
     data: Path = Path("data/synthetic")
     """Dataset directory (written by prepare_data.py)."""
     out: Annotated[Path | None, OutputDir] = None
-    """Run directory; default runs/sasrec/<dataset>-<init-type>-<timestamp>/."""
+    """Run directory; default runs/sasrec/<dataset>-<none or plm-TRANSFORM>-<timestamp>/."""
     overwrite: bool = False
     """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
     init_type: Literal["none", "plm"] = "none"
@@ -337,6 +337,7 @@ def main(args: Args) -> dict[str, float]:
             args.init_transform,
             lambda dim: xavier_item_std(data.num_items, dim),
         )
+        item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
             raise SystemExit(
@@ -357,7 +358,9 @@ def main(args: Args) -> dict[str, float]:
     compiled_model = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
-    run_dir = create_run_dir(args.out, "sasrec", args.data, args.init_type, args, overwrite=args.overwrite)
+    run_dir = create_run_dir(
+        args.out, "sasrec", args.data, run_tag(item_table), args, overwrite=args.overwrite, item_table=item_table
+    )
     print(f"{data.name}: {len(users)} training sequences, {data.num_items} items, loss {loss_name}, run {run_dir}")
     # TensorBoard curves: train/loss and train/lr at x = optimizer step, train/sequences_per_s and val/* at
     # x = epoch, test/* at x = the tested (best) epoch.

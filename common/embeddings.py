@@ -8,6 +8,7 @@ fingerprint to check.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,6 +189,29 @@ def initial_item_table(
     return transform_items(table, transform, target_std(hidden_size))
 
 
+def plm_table_path(data: SeqDataset, embeddings: Path | None) -> Path:
+    """The file --init-type plm reads: --embeddings, default <data>/embeddings/plm.safetensors."""
+    return Path(embeddings or default_embeddings_path(data.path))
+
+
+def announce_item_table(data: SeqDataset, init_type: str, embeddings: Path | None, transform: str) -> dict | None:
+    """What a recommender's PLM item table is, printed as the run's first line and returned for its config.json:
+    the resolved file, the sha256 of its bytes (a re-exported table is told apart from the one a run used) and the
+    --init-transform; None without --init-type plm."""
+    if init_type != "plm":
+        return None
+    path = plm_table_path(data, embeddings)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = {"path": str(path.resolve()), "sha256": digest, "transform": transform}
+    print(f"item table {record['path']} (sha256 {record['sha256']}), --init-transform {transform}")
+    return record
+
+
+def run_tag(item_table: dict | None) -> str:
+    """The middle of a default run directory's name: "none" for a random table, else "plm-<transform>"."""
+    return "none" if item_table is None else f"plm-{item_table['transform']}"
+
+
 def plm_init(
     data: SeqDataset,
     init_type: str,
@@ -203,6 +227,5 @@ def plm_init(
     target_std(width): the element std of the model's own random item table at that width."""
     if init_type != "plm":
         return None, hidden_size or PAPER_HIDDEN_SIZE
-    path = embeddings or default_embeddings_path(data.path)
-    table = initial_item_table(path, data, hidden_size, project, transform, target_std)
+    table = initial_item_table(plm_table_path(data, embeddings), data, hidden_size, project, transform, target_std)
     return table, table.shape[1]

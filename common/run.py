@@ -14,8 +14,10 @@ import random
 import secrets
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -256,10 +258,52 @@ def check_run_dir(out: Path | None, overwrite: bool, config=None) -> None:
         raise OutputError(f"{out}: not emptied, it holds {protected}, which this run reads or runs in")
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+PROVENANCE_PACKAGES = ("torch", "transformers", "numpy", "deepspeed", "tyro")
+
+
+def _git(*arguments: str) -> str | None:
+    """Output of a git command in the repository, or None outside a git checkout (or without git)."""
+    try:
+        done = subprocess.run(["git", "-C", str(REPOSITORY), *arguments], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(item_table: dict | None = None) -> dict:
+    """What made a run besides its flags: the code's git commit, whether tracked files differed from it, the versions
+    of the packages that compute, and the PLM item table it started from (common.embeddings.announce_item_table)."""
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    record = {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if changes is None else bool(changes),
+        "packages": {name: _package_version(name) for name in PROVENANCE_PACKAGES},
+    }
+    if item_table is not None:
+        record["item_table"] = item_table
+    return record
+
+
 def create_run_dir(
-    out: Path | None, stage: str, data: Path, tag: str, config, overwrite: bool = False, resume: bool = False
+    out: Path | None,
+    stage: str,
+    data: Path,
+    tag: str,
+    config,
+    overwrite: bool = False,
+    resume: bool = False,
+    item_table: dict | None = None,
 ) -> Path:
-    """The run directory (`out`, or runs/<stage>/<dataset>-<tag>-<timestamp>/) with config.json written in it.
+    """The run directory (`out`, or runs/<stage>/<dataset>-<tag>-<timestamp>/) with config.json written in it:
+    the fields of `config`, plus key "provenance" (see `provenance`; `item_table` for PLM-initialised runs).
 
     A non-empty `out` is refused (OutputError) unless `overwrite`, which empties it first, or `resume`, which
     continues the run in it.
@@ -273,7 +317,7 @@ def create_run_dir(
             for entry in list(out.iterdir()):
                 _remove(entry)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "config.json", {**_jsonable(config), "provenance": provenance(item_table)})
     return out
 
 
