@@ -131,7 +131,8 @@ def test_plm_runs_record_and_print_their_item_table(script, transform, synthetic
     (run,) = (tmp_path / "runs" / script.removeprefix("train_")).iterdir()
     assert run.name.startswith(f"{synthetic_data.name}-plm-{transform}-")
     recorded = json.loads((run / "config.json").read_text())["provenance"]["item_table"]
-    expected = {"path": str(table.resolve()), "sha256": hashlib.sha256(table.read_bytes()).hexdigest(), "transform": transform}
+    digest = hashlib.sha256(table.read_bytes()).hexdigest()
+    expected = {"path": str(table.resolve()), "sha256": digest, "transform": transform}
     assert recorded == expected
     first_line = capsys.readouterr().out.splitlines()[0]
     assert first_line == f"item table {expected['path']} (sha256 {expected['sha256']}), --init-transform {transform}"
