@@ -156,6 +156,11 @@ def read_sequences(path: Path, item_id: dict[str, int]) -> Sequences:
 def load_corpus(path: Path) -> Corpus:
     """The paper's pre-training layout in `path`; item ids follow meta_data.json's order, from 1."""
     path = Path(path)
+    if not path.is_dir():
+        raise InputError(
+            f"{path}: corpus directory not found; prepare_data.py builds one "
+            f"(python prepare_data.py pretrain-corpus --from <dataset dirs> --out {path})"
+        )
     meta = read_json(path / "meta_data.json", dict)
     item_keys = ["", *meta]
     item_text = [{}, *(item_attributes(path / "meta_data.json", key, meta[key]) for key in meta)]

@@ -263,7 +263,10 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
     """Load and validate a dataset directory; raises DatasetError with a one-line message naming the file."""
     path = Path(path)
     if not path.is_dir():
-        raise DatasetError(f"{path}: dataset directory not found")
+        raise DatasetError(
+            f"{path}: dataset directory not found; prepare_data.py makes one "
+            f"(python prepare_data.py synthetic --out {path}, or an importer: python prepare_data.py --help)"
+        )
     smap = _id_map(path / "smap.json")
     umap = _id_map(path / "umap.json")
     splits = {name: _split_lists(path / name) for name in SPLIT_FILES}

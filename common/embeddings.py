@@ -51,7 +51,10 @@ def save_item_embeddings(path: Path, table: torch.Tensor, data: SeqDataset, chec
 def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
     """(table, metadata) from our safetensors file or the paper's torch-saved tensor."""
     if not path.exists():
-        raise EmbeddingFileError(f"{path}: embedding file not found")
+        raise EmbeddingFileError(
+            f"{path}: embedding file not found; export_embeddings.py writes it "
+            f"(python export_embeddings.py --checkpoint <model> --data <dataset> --out {path})"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
