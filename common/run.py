@@ -366,6 +366,18 @@ class Scalars:
             for name, value in values.items():
                 self.writer.add_scalar(name, float(value), step)
 
+    def hyperparameters(self, config, metrics: Iterable[str]) -> None:
+        """The run's configuration (a dataclass; values other than numbers, strings and booleans as text) in
+        TensorBoard's HPARAMS tab, compared across runs by the scalar tags `metrics` (e.g. "test/NDCG@10")."""
+        if self.writer is not None:
+            from torch.utils.tensorboard.summary import hparams
+
+            plain = (int, float, str, bool)
+            values = {name: v if isinstance(v, plain) else str(v) for name, v in _jsonable(config).items()}
+            # add_hparams would write them to a new subdirectory, a run of its own; these summaries join this one
+            for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
+                self.writer.file_writer.add_summary(summary)
+
     def close(self) -> None:
         """Write what is buffered (the writer otherwise flushes every two minutes)."""
         if self.writer is not None:
