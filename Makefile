@@ -43,7 +43,7 @@ demo: venv
 	  "curves: $(VENV)/bin/tensorboard --logdir runs/demo"
 
 # The paper's grid on one dataset (reproduce.py): make reproduce DATA=data/scientific BACKBONE=<model dir> [OUT=...]
-# [ARGS="--seeds 42 43 --epochs 50 ..."]; a second call resumes (README: reproduce.py).
+# [ARGS="--seeds 42 43 --epochs 50 ..."]; a second call resumes (docs/reproduce.md).
 ifneq ($(filter reproduce,$(MAKECMDGOALS)),)
 ifeq ($(and $(DATA),$(BACKBONE)),)
 $(error usage: make reproduce DATA=<dataset dir> BACKBONE=<model> [OUT=dir] [ARGS="reproduce.py flags"])

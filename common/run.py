@@ -264,8 +264,9 @@ PROVENANCE_PACKAGES = ("torch", "transformers", "numpy", "deepspeed", "tyro")
 
 def _git(*arguments: str) -> str | None:
     """Output of a git command in the repository, or None outside a git checkout (or without git)."""
+    command = ["git", "-C", str(REPOSITORY), *arguments]
     try:
-        done = subprocess.run(["git", "-C", str(REPOSITORY), *arguments], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

@@ -74,7 +74,7 @@ class Config:
 
 
 def git(directory: Path, *arguments: str) -> str:
-    return subprocess.run(["git", "-C", str(directory), *arguments], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["git", "-C", str(directory), *arguments], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_run_dir_records_the_configuration_as_plain_json(tmp_path, monkeypatch):
