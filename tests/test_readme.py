@@ -56,15 +56,13 @@ def run_in_process(command: list[str], capsys) -> str:
     """What `command` ("python script.py ..." or "python -m module ...") prints, run in this process (a subprocess
     per command would spend most of the time importing torch)."""
     assert command[0] == "python", command
-    module = command[2] if command[1] == "-m" else None
+    module = command[1] == "-m"
+    script = command[2].replace(".", "/") + ".py" if module else command[1]
     argv = sys.argv
-    sys.argv = [module or command[1], *command[3 if module else 2 :]]
+    sys.argv = [script, *command[3 if module else 2 :]]
     capsys.readouterr()
     try:
-        if module:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        else:
-            runpy.run_path(str(REPO / command[1]), run_name="__main__")
+        runpy.run_path(str(REPO / script), run_name="__main__")
     except SystemExit as stop:
         assert stop.code in (0, None), f"{shlex.join(command)}: {stop.code}"
     finally:
