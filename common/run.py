@@ -17,10 +17,12 @@ import re
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
@@ -341,10 +343,53 @@ def check_run_dir(out: Path | None, overwrite: bool, config=None) -> None:
         raise OutputError(f"{out}: not emptied, it holds {protected}, which this run reads or runs in")
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+PROVENANCE_PACKAGES = ("torch", "transformers", "numpy", "deepspeed", "tyro")
+
+
+def _git(*arguments: str) -> str | None:
+    """Output of a git command in the repository, or None outside a git checkout (or without git)."""
+    command = ["git", "-C", str(REPOSITORY), *arguments]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(item_table: dict | None = None) -> dict:
+    """What made a run besides its flags: the code's git commit, whether tracked files differed from it, the versions
+    of the packages that compute, and the PLM item table it started from (common.embeddings.announce_item_table)."""
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    record = {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if changes is None else bool(changes),
+        "packages": {name: _package_version(name) for name in PROVENANCE_PACKAGES},
+    }
+    if item_table is not None:
+        record["item_table"] = item_table
+    return record
+
+
 def create_run_dir(
-    out: Path | None, stage: str, data: Path, tag: str, config, overwrite: bool = False, resume: bool = False
+    out: Path | None,
+    stage: str,
+    data: Path,
+    tag: str,
+    config,
+    overwrite: bool = False,
+    resume: bool = False,
+    item_table: dict | None = None,
 ) -> Path:
-    """The run directory (`out`, or runs/<stage>/<dataset>-<tag>-<timestamp>/) with config.json written in it.
+    """The run directory (`out`, or runs/<stage>/<dataset>-<tag>-<timestamp>/) with config.json written in it:
+    the fields of `config`, plus key "provenance" (see `provenance`; `item_table` for PLM-initialised runs).
 
     A non-empty `out` is refused (OutputError) unless `overwrite`, which empties it first, or `resume`, which
     continues the run in it.
@@ -360,7 +405,7 @@ def create_run_dir(
             for entry in list(out.iterdir()):
                 _remove(entry)
         _claim(out)
-    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "config.json", {**_jsonable(config), "provenance": provenance(item_table)})
     return out
 
 
@@ -505,6 +550,18 @@ class Scalars:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(name, float(value), step)
+
+    def hyperparameters(self, config, metrics: Iterable[str]) -> None:
+        """The run's configuration (a dataclass; values other than numbers, strings and booleans as text) in
+        TensorBoard's HPARAMS tab, compared across runs by the scalar tags `metrics` (e.g. "test/NDCG@10")."""
+        if self.writer is not None:
+            from torch.utils.tensorboard.summary import hparams
+
+            plain = (int, float, str, bool)
+            values = {name: v if isinstance(v, plain) else str(v) for name, v in _jsonable(config).items()}
+            # add_hparams would write them to a new subdirectory, a run of its own; these summaries join this one
+            for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
+                self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         """Write what is buffered (the writer otherwise flushes every two minutes)."""

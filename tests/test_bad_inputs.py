@@ -271,6 +271,26 @@ def test_subprocess_exit_and_stderr_match(script, arguments, name, status, input
     assert not (tmp_path / "out").exists()
 
 
+# (script, arguments, the command the error must name); {absent} is a path where nothing is.
+MISSING_INPUTS = [
+    (SASREC, "--data {absent}", "python prepare_data.py synthetic --out {absent}"),
+    (FINETUNE, "--data {absent}", "python prepare_data.py synthetic --out {absent}"),
+    (BERT4REC, "--data {data} --init-type plm --embeddings {absent}", "python export_embeddings.py --checkpoint"),
+    (PRETRAIN, "--data {absent}", "python prepare_data.py pretrain-corpus --from <dataset dirs> --out {absent}"),
+]
+
+
+@pytest.mark.parametrize("script, arguments, command", MISSING_INPUTS, ids=[f"{c[0]} {c[1]}" for c in MISSING_INPUTS])
+def test_a_missing_input_names_the_command_that_makes_it(script, arguments, command, inputs, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    paths = {**inputs, "absent": tmp_path / "absent"}
+    status, stderr = run_in_process(script, arguments.format(**paths).split(), capsys)
+    assert_one_line_error(status, stderr, str(paths["absent"]))
+    assert command.format(**paths) in stderr.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the failed start created files"
+
+
 def test_args_built_in_python_are_checked_too():
     """The checks run when an Args is constructed, so main(Args(...)) never sees a rejected value; a field without
     a marker accepts anything its type does."""

@@ -95,9 +95,16 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def launch(corpus: Path, out: Path, *extra: str, processes: int = 1, launcher: str = "worker") -> list[dict]:
-    """Run a pre-training and return its metrics. launcher: "cli" (pretrain_recformer.py itself; torchrun for
-    several processes), "worker" (the same plus each rank's weights saved), "deepspeed" (the worker under the
-    deepspeed launcher, which appends --local_rank=N)."""
+    """Run a pre-training and return its metrics (see `launch_printing`)."""
+    return launch_printing(corpus, out, *extra, processes=processes, launcher=launcher)[0]
+
+
+def launch_printing(
+    corpus: Path, out: Path, *extra: str, processes: int = 1, launcher: str = "worker"
+) -> tuple[list[dict], str]:
+    """Run a pre-training and return its metrics and what it printed on stdout. launcher: "cli"
+    (pretrain_recformer.py itself; torchrun for several processes), "worker" (the same plus each rank's weights
+    saved), "deepspeed" (the worker under the deepspeed launcher, which appends --local_rank=N)."""
     script = REPO / "pretrain_recformer.py"
     if launcher in ("worker", "deepspeed"):
         out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +121,7 @@ def launch(corpus: Path, out: Path, *extra: str, processes: int = 1, launcher: s
     env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO))
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:6000] + result.stderr[-2000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], result.stdout
 
 
 # TensorBoard tag -> the metrics.jsonl value it plots
@@ -168,9 +175,15 @@ def dataset(corpus, tmp_path_factory) -> Path:
 
 def test_one_process_loss_falls_and_resume_is_exact(corpus, tmp_path, read_scalars):
     """ZeRO-2, plain python: 24 steps in one go == 9 steps, stop, resume, 15 steps; TensorBoard holds what
-    metrics.jsonl holds, the resumed run's points added to the same directory."""
-    whole = launch(corpus, tmp_path / "whole", "--epochs", "1")  # 24 steps
+    metrics.jsonl holds, the resumed run's points added to the same directory. Into a pipe, where no progress bar
+    is drawn, every logged step prints a line; the default --save-every saves the last step."""
+    whole, printed = launch_printing(corpus, tmp_path / "whole", "--epochs", "1")  # 24 steps
     assert_loss_falls(whole)
+    progress_lines = [line for line in printed.splitlines() if line.startswith("step ") and "tokens/s" in line]
+    assert [line.split(",")[0] for line in progress_lines] == [
+        f"step {m['step']}/24: loss {m['loss']:.4f}" for m in whole if "loss" in m
+    ]
+    assert (tmp_path / "whole" / "deepspeed" / "latest").read_text() == "step00000024"
     assert_scalars_mirror_metrics(read_scalars(tmp_path / "whole"), whole)
     launch(corpus, tmp_path / "split", "--epochs", "1", "--max-steps", "9", "--save-every", "4")
     assert (tmp_path / "split" / "deepspeed" / "latest").read_text() == "step00000009"

