@@ -54,6 +54,7 @@ import finetune_recformer
 import train_bert4rec
 import train_sasrec
 from common.cli import Checked, Device, NonNegative, Positive, Seed, parse
+from common.convert_recformer import MINILM
 from common.data import DatasetError, load_dataset
 from common.embeddings import STAGE_TABLE_FILE
 from common.evaluation import check_sample_size, protocol
@@ -77,7 +78,7 @@ class Args(Checked):
     """Directory for tables, runs and results; a second call with the same --out resumes."""
     backbone_name: str | None = None
     """The backbone's name in results.md (e.g. "all-MiniLM-L6-v2"); default the last part of --backbone's path
-    (the folder above when that is "model")."""
+    (the folder above when that is "model"), all-MiniLM-L6-v2 for "minilm"."""
     pretrained: str | None = None
     """A pre-trained Recformer checkpoint (pretrain_recformer.py best/ or final/, or the paper's .bin): adds the
     "pretrain" start and is what "finetune" fine-tunes; without it, "finetune" fine-tunes --backbone."""
@@ -572,6 +573,8 @@ def mean_curve(curves: list[list[float]]) -> list[float]:
 def backbone_name(args: Args) -> str:
     if args.backbone_name:
         return args.backbone_name
+    if args.backbone == MINILM:
+        return "all-MiniLM-L6-v2"
     path = Path(args.backbone)
     return path.parent.name if path.name == "model" and path.parent.name else path.name
 
