@@ -664,7 +664,10 @@ def plot_results(summary: list[dict], args: Args) -> None:
                 entries = [e for e in summary if e["model"] == model and e["protocol"] == protocol_name]
                 if draw is _bars:
                     entries += [e for e in summary if e["model"] == "recformer" and e["protocol"] == protocol_name]
-                draw(axes[row, column], entries, backbone)
+                if entries:
+                    draw(axes[row, column], entries, backbone)
+                else:
+                    axes[row, column].text(0.5, 0.5, "no finished run yet", ha="center", va="center")
                 axes[row, column].set_title(f"{args.data.name}: {MODEL_NAMES[model]}, {protocol_name}")
         figure.tight_layout()
         save_atomic(args.out / filename, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
@@ -689,7 +692,7 @@ def _curves(axis, entries: list[dict], backbone: str) -> None:
         axis.plot(range(1, len(curve) + 1), curve, color=f"C{i}", label=start_label(entry, backbone))
         ends = [epochs for epochs in entry["val_epochs"] if epochs]
         axis.plot(ends, [curve[epochs - 1] for epochs in ends], "x", color=f"C{i}", markersize=7)
-    axis.set_xlabel("epoch (x: a seed's run stopped there; the curve after it averages the seeds left)")
+    axis.set_xlabel("epoch (×: a seed's run stopped; later points average the seeds left)")
     axis.set_ylabel("validation NDCG@10 (mean over seeds)")
     axis.legend(fontsize=7)
 

@@ -1,11 +1,12 @@
 """Cells per hour of reproduce.py --jobs 2 against --jobs 1 on the same small grid, back to back in one call.
 
 A synthetic dataset (--users users), the tiny backbone, SASRec and BERT4Rec from random and raw-copy tables, two
-seeds: 8 cells of a few seconds to a minute each. --jobs 1 runs them one by one in this process with every core's
+seeds: 8 cells of about half a minute each. --jobs 1 runs them one by one in this process with every core's
 threads; --jobs 2 runs two worker processes of cores // 2 threads. Prints the wall time of each and the ratio of
-their cells per hour (the target on 2 cores: >= 1.8x), and checks that both wrote the same results.
+their cells per hour (the target on 2 cores: >= 1.8x), and how far their test NDCG@10 lie apart (the thread counts
+differ, so the float sums do; equal results at equal thread counts are tested in tests/test_reproduce.py).
 
-    python benchmarks/bench_grid.py [--users 3000 --epochs 4]
+    python benchmarks/bench_grid.py [--users 3000 --epochs 20]
 """
 
 import json
@@ -27,7 +28,7 @@ from prepare_data import synthetic_catalogue  # noqa: E402
 class Args:
     users: int = 3000
     """Synthetic users (items: users // 10)."""
-    epochs: int = 4
+    epochs: int = 20
     """Epochs of every cell (patience as many, so every cell runs all of them)."""
     jobs: int = 2
     """The parallel setting compared with --jobs 1."""
@@ -53,17 +54,13 @@ def main(args: Args) -> None:
         cells = len(reproduce.cells(grid, ["random", "longformer"]))
         serial, serial_results = timed_grid(grid)
         parallel, parallel_results = timed_grid(replace(grid, out=Path(tmp) / f"jobs{args.jobs}", jobs=args.jobs))
-    same = reproduce_comparable(serial_results) == reproduce_comparable(parallel_results)
+    gap = max(abs(a["test"]["NDCG@10"] - b["test"]["NDCG@10"]) for a, b in zip(serial_results["runs"],
+                                                                                parallel_results["runs"]))  # fmt: skip
     print(f"{cells} cells (+ 1 export), {args.users} users, {args.epochs} epochs each")
     print(f"--jobs 1: {serial:.1f} s, {3600 * cells / serial:.0f} cells/hour")
     print(f"--jobs {args.jobs}: {parallel:.1f} s, {3600 * cells / parallel:.0f} cells/hour")
-    print(f"ratio: {serial / parallel:.2f}x cells per hour (target >= 1.8x on 2 cores); same results: {same}")
-
-
-def reproduce_comparable(results: dict) -> list:
-    """The runs' test metrics and curves, without timings and paths."""
-    runs = results["runs"]
-    return [(run["model"], run["start"], run["seed"], run["test"]["NDCG@10"], run["val_ndcg10"]) for run in runs]
+    print(f"ratio: {serial / parallel:.2f}x cells per hour (target >= 1.8x on 2 cores); test NDCG@10 of a cell "
+          f"differs by at most {gap:.4f} between the two")
 
 
 if __name__ == "__main__":
