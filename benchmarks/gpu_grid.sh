@@ -32,4 +32,4 @@ began=$(date +%s)
 $PY reproduce.py --data "$DATA" --out "$OUT" --device "$DEVICE" --jobs "$JOBS" --sample-sizes 100 -1 "${GRID[@]}" ${EXTRA:-}
 echo "grid wall time: $(( $(date +%s) - began )) s on $DEVICE with --jobs $JOBS"
 echo "per task (from $OUT/grid.log):"
-grep -E '\] (done|FAILED) ' "$OUT/grid.log" | sed -E 's/^\[[^]]*\] (done|FAILED[^0-9]*)([0-9]+\/[0-9]+) /  \2 /'
+grep -E '\] (done|FAILED) ' "$OUT/grid.log" | sed -E 's/^\[[^]]+\] /  /; s/;.*//'
