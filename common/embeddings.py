@@ -264,12 +264,13 @@ def _check_transformable(path: Path, table: torch.Tensor, transform: str) -> Non
                                  "spread to rescale")  # fmt: skip
 
 
-PLM_ONLY_FLAGS = {"embeddings": None, "project": "none", "init_transform": "none"}  # field: its unset value
+PLM_ONLY_FLAGS = {"embeddings": None, "embeddings_smap": None, "project": "none", "init_transform": "none"}  # unset
 
 
 def refuse_plm_flags_without_plm(args) -> None:
-    """FlagError for a flag about the PLM table (--embeddings, --project, --init-transform) given with --init-type
-    none, which would ignore it without a word. Called by the recommenders' Args on construction."""
+    """FlagError for a flag about the PLM table (--embeddings, --embeddings-smap, --project, --init-transform)
+    given with --init-type none, which would ignore it without a word. Called by the recommenders' Args on
+    construction."""
     if args.init_type == "plm":
         return
     for name, unset in PLM_ONLY_FLAGS.items():

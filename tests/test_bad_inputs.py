@@ -197,6 +197,7 @@ CASES = [
     (SASREC, "--project pca", "--project"),
     (BERT4REC, "--init-transform center", "--init-transform"),
     (SASREC, "--embeddings {equal-table}", "--embeddings"),
+    (BERT4REC, "--embeddings-smap {equal-table}", "--embeddings-smap"),
 ]
 
 
