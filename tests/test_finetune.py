@@ -45,9 +45,16 @@ def short_run_args(data: Path, out: Path, **changes) -> finetune_recformer.Args:
 
 @pytest.fixture(scope="module")
 def two_stage_run(synthetic_data, tmp_path_factory):
-    """Two epochs of each stage (38 optimizer steps each), a TensorBoard point after every optimizer step."""
+    """Two epochs of each stage (38 optimizer steps each), a TensorBoard point after every optimizer step. One
+    torch thread, as the tests get (conftest's one_thread starts after module fixtures), so that runs in the tests
+    can be compared with it float for float whatever the machine's thread count."""
     out = tmp_path_factory.mktemp("finetune") / "run"
-    finetune_recformer.main(short_run_args(synthetic_data, out, log_every=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune_recformer.main(short_run_args(synthetic_data, out, log_every=1))
+    finally:
+        torch.set_num_threads(threads)
     return out, records_of(out)
 
 
