@@ -55,7 +55,7 @@ import train_bert4rec
 import train_sasrec
 from common.cli import Checked, Device, NonNegative, Positive, Seed, parse
 from common.convert_recformer import MINILM
-from common.data import DatasetError, load_dataset
+from common.data import DatasetError, SeqDataset, load_dataset
 from common.embeddings import STAGE_TABLE_FILE
 from common.evaluation import check_sample_size, protocol
 from common.run import progress, save_atomic, write_json_atomic
@@ -471,13 +471,15 @@ def finished_cells(args: Args, starts: list[str]) -> list[Cell]:
     return done
 
 
-def parameter_count(args: Args, cell: Cell, num_items: int) -> int:
-    """Parameters the model uses to score a user (all of them, the item table included)."""
-    model = MODEL_CLASSES[cell.model](num_items, stage_args(args, cell))
+def parameter_count(args: Args, model_name: str, num_items: int) -> int:
+    """Parameters `model_name` uses to score a user (all of them, the item table included): the same for every
+    start and transform, since the tables only initialise the model."""
+    cell = Cell(model_name, "random", "none", args.sample_sizes[0], args.seeds[0])
+    model = MODEL_CLASSES[model_name](num_items, stage_args(args, cell))
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def read_run(args: Args, cell: Cell, num_items: int) -> dict:
+def read_run(args: Args, cell: Cell, parameters: int) -> dict:
     """One finished run's record: its cell, test metrics, validation curve, training seconds, convergence and cost."""
     run_dir = args.out / "runs" / cell.name
     test = json.loads((run_dir / "test_metrics.json").read_text())
@@ -492,7 +494,7 @@ def read_run(args: Args, cell: Cell, num_items: int) -> dict:
         "train_seconds": sum(epoch["train_seconds"] for epoch in epochs),
         "epoch_cap": cap,
         "converged": test["best_epoch"] <= cap - args.patience,
-        "parameters": parameter_count(args, cell, num_items),
+        "parameters": parameters,
         "users_per_s": test["users"] / test["test_seconds"] if test.get("test_seconds") else None,
     }
 
@@ -697,8 +699,9 @@ def _curves(axis, entries: list[dict], backbone: str) -> None:
     axis.legend(fontsize=7)
 
 
-def check_flags(args: Args) -> None:
-    """Every flag checked before anything is trained or exported: one line and exit 2 for the first problem."""
+def check_flags(args: Args) -> SeqDataset:
+    """Every flag checked before anything is trained or exported: one line and exit 2 for the first problem.
+    Returns the dataset it loaded to check them."""
     if not args.seeds or not args.models or not args.transforms or not args.sample_sizes:
         raise SystemExit("error: --seeds, --models, --transforms and --sample-sizes each need at least one value")
     if args.pretrained and not Path(args.pretrained).exists():
@@ -717,10 +720,11 @@ def check_flags(args: Args) -> None:
             check_sample_size(data, sample_size)
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None
+    return data
 
 
 def main(args: Args) -> dict:
-    check_flags(args)
+    num_items = check_flags(args).num_items
     began = time.time()
     starts = ["random", "longformer", *(["pretrain"] if args.pretrained else []),
               *(["finetune"] if args.finetune_epochs > 0 else [])]  # fmt: skip
@@ -733,9 +737,9 @@ def main(args: Args) -> dict:
         failed = run_tasks(args, tasks)
     elif not table_path(args, "longformer").exists():
         raise SystemExit(f"error: --report-only: {args.out} holds no tables/longformer.safetensors yet")
-    num_items = load_dataset(args.data).num_items
     done = finished_cells(args, starts)
-    records = [read_run(args, cell, num_items) for cell in done]
+    parameters = {model: parameter_count(args, model, num_items) for model in {cell.model for cell in done}}
+    records = [read_run(args, cell, parameters[cell.model]) for cell in done]
     missing = [cell.name for cell in cells(args, starts) if cell not in done]
     records += recformer_records(args, num_items) if "finetune" in starts else []
     if "finetune" in starts and not finished(args.out / "finetune"):
