@@ -650,6 +650,6 @@ def main(args: Args) -> Run:
 
 
 if __name__ == "__main__":
-    with ending_in_one_line("stage1", "stage2"):
+    with ending_in_one_line("stage1", "stage2", resumable=True):
         main(parse_launched(Args))
     leave_process_group()

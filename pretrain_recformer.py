@@ -52,12 +52,12 @@ from common.distributed import (
 from common.masking import whole_word_mask
 from common.modeling_recformer import RecformerForPretraining, set_attention
 from common.run import (
-    OutputError,
     Scalars,
     append_jsonl,
     check_run_dir,
     check_same_run,
     create_run_dir,
+    ending_in_one_line,
     parameter_groups,
     precision,
     progress,
@@ -655,8 +655,9 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_launched(Args))
-        leave_process_group()
-    except (InputError, OutputError, DatasetError, BackboneError) as error:
-        raise SystemExit(f"error: {error}") from None
+    with ending_in_one_line("best", "deepspeed", resumable=True):
+        try:
+            main(parse_launched(Args))
+        except (InputError, DatasetError, BackboneError) as error:
+            raise SystemExit(f"error: {error}") from None
+    leave_process_group()

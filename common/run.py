@@ -16,9 +16,11 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -399,6 +401,7 @@ def create_run_dir(
     out = Path(out)
     if resume:
         out.mkdir(parents=True, exist_ok=True)
+        _claimed.run_dir, _claimed.created, _claimed.resumed = out, False, True
     else:
         check_run_dir(out, overwrite, config)
         if overwrite and out.is_dir():  # without it the check found none: emptying could delete a rival's claim
@@ -432,6 +435,7 @@ class _Claim:
 
     run_dir: Path | None = None
     created: bool = False  # made by this run, not given existing (and empty) by the user
+    resumed: bool = False  # an earlier run's directory, continued with --resume: never cleared
 
 
 _claimed = _Claim()
@@ -455,34 +459,53 @@ def _claim(out: Path) -> None:
         if error.errno not in WRITE_ERRNOS:
             raise
         raise WriteError(f"{out}: cannot create the run directory ({os.strerror(error.errno)})") from None
-    _claimed.run_dir, _claimed.created = out, created
+    _claimed.run_dir, _claimed.created, _claimed.resumed = out, created, False
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM handled as Ctrl-C: the deepspeed launcher, and `kill`, end a run with SIGTERM."""
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def ending_in_one_line(*checkpoints: str) -> Iterator[None]:
-    """Around a stage's main(): Ctrl-C (exit status 130) or a refused write (a full disk) ends it with one line
-    saying what was kept where. A run directory holds a best checkpoint (one of `checkpoints`, names inside it) or
+def ending_in_one_line(*checkpoints: str, resumable: bool = False) -> Iterator[None]:
+    """Around a stage's main(): Ctrl-C or SIGTERM (exit status 130) or a refused write (a full disk) ends it with one
+    line saying what was kept where. A run directory holds a checkpoint (one of `checkpoints`, names inside it) or
     nothing: with none written yet, the directory the run claimed is removed (emptied, if the user gave it
-    existing); otherwise it is kept, and its missing test_metrics.json marks it unfinished. Of many processes, the
-    one that claimed the directory (rank 0) is the one that reports and clears it."""
+    existing); otherwise it is kept, unfinished (`resumable`: the line says how to go on with --resume). A directory
+    continued with --resume is never cleared. Of many processes, the one that claimed the directory (rank 0) is the
+    one that reports and clears it."""
     _claimed.run_dir = None
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    if in_main_thread:
+        previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     except KeyboardInterrupt:
-        left = _what_was_kept(checkpoints) if _claimed.run_dir else "this process wrote no run directory"
+        if in_main_thread:  # a launcher sends SIGTERM right after the terminal's SIGINT: let the cleanup finish
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        left = _what_was_kept(checkpoints, resumable) if _claimed.run_dir else "this process wrote no run directory"
         print(f"interrupted: {left}", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except OutputError as error:  # a refused write, or losing the claim on --out (then nothing is ours)
-        left = f"; {_what_was_kept(checkpoints)}" if _claimed.run_dir else ""
+        left = f"; {_what_was_kept(checkpoints, resumable)}" if _claimed.run_dir else ""
         raise SystemExit(f"error: {error}{left}") from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])
 
 
-def _what_was_kept(checkpoints: Sequence[str]) -> str:
+def _what_was_kept(checkpoints: Sequence[str], resumable: bool) -> str:
     """What the run in the claimed directory leaves, in words; removes it when it holds no checkpoint."""
     run_dir = _claimed.run_dir
     kept = [str(run_dir / name) for name in checkpoints if (run_dir / name).exists()]
-    if kept:
-        return f"kept the best checkpoint {' and '.join(kept)} (no test_metrics.json: the run did not finish)"
+    if kept or _claimed.resumed:
+        what = " and ".join(kept) or str(run_dir)
+        if resumable:
+            return f"kept {what} (the run did not finish; the same command with --resume --out {run_dir} goes on)"
+        return f"kept {what} (no test_metrics.json: the run did not finish)"
     try:
         if _claimed.created:
             _remove(run_dir)

@@ -127,8 +127,10 @@ def test_read_only_dataset_cannot_take_the_negatives_cache(data_copy, read_only,
     assert not out.exists() and sorted(p.name for p in data.iterdir()) == sorted(p.name for p in data_copy.iterdir())
 
 
-def test_ctrl_c_during_training_keeps_the_best_checkpoint(data_copy, tmp_path):
-    """A real SIGINT once the first best.pt exists: exit status 130, one line naming it, no test result."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_training_keeps_the_best_checkpoint(signum, data_copy, tmp_path):
+    """A real SIGINT (Ctrl-C) or SIGTERM (kill, a launcher) once the first best.pt exists: exit status 130, one line
+    naming it, no test result."""
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO))
     command = [sys.executable, str(REPO / SASREC), "--data", str(data_copy), "--out", str(out), "--epochs", "1000",
@@ -139,13 +141,13 @@ def test_ctrl_c_during_training_keeps_the_best_checkpoint(data_copy, tmp_path):
         deadline = time.monotonic() + 300
         while not (out / "best.pt").exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 130, stderr
     assert stderr_lines(stderr) == [
-        f"interrupted: kept the best checkpoint {out}/best.pt (no test_metrics.json: the run did not finish)"
+        f"interrupted: kept {out}/best.pt (no test_metrics.json: the run did not finish)"
     ], stderr
     assert "model" in torch.load(out / "best.pt", weights_only=True) and not (out / "test_metrics.json").exists()
 
@@ -225,3 +227,23 @@ def test_a_model_too_large_for_memory_is_one_line(data_copy, tmp_path):
     assert result.stderr.startswith("error: --hidden-size: the model does not fit in memory at 60000: it tried to "
                                     "allocate "), result.stderr  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_resume_keeps_the_run_it_continued(tmp_path, capsys):
+    """A run continued with --resume is an earlier run's directory: interrupted before it wrote a checkpoint of its
+    own, it is kept whole and the line says how to go on, instead of 'this process wrote no run directory'."""
+    from common.run import create_run_dir, ending_in_one_line
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "resume.pt").write_bytes(b"an earlier run's state")
+    with pytest.raises(SystemExit) as stop:
+        with ending_in_one_line("stage1", resumable=True):
+            create_run_dir(out, "test", tmp_path, "x", {"run": "resumed"}, resume=True)
+            raise KeyboardInterrupt
+    assert stop.value.code == 130
+    assert stderr_lines(capsys.readouterr().err) == [
+        f"interrupted: kept {out} (the run did not finish; the same command with --resume --out {out} goes on)"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "resume.pt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the stage's, not the process's

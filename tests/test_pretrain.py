@@ -5,9 +5,11 @@ python (one process), torchrun and the deepspeed launcher (two processes)."""
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +200,38 @@ def test_one_process_loss_falls_and_resume_is_exact(corpus, tmp_path, read_scala
         torch.testing.assert_close(final_resumed[name], final_whole[name], atol=1e-6, rtol=0)
     kept = sorted(p.name for p in (tmp_path / "split" / "deepspeed").glob("step*"))
     assert kept == ["step00000020", "step00000024"]  # --keep-checkpoints 2
+
+
+def test_ctrl_c_under_the_deepspeed_launcher_ends_in_one_line(corpus, tmp_path):
+    """Ctrl-C reaches the launcher and its worker (one process group, as a terminal sends it); the launcher then
+    terminates the worker. stderr holds the worker's one line naming what it kept and how to go on; besides it only
+    DeepSpeed's log lines and the KeyboardInterrupt traceback of DeepSpeed's runner, which does not catch it
+    (deepspeed/launcher/runner.py, around `result.wait()`). The checkpoint stays."""
+    out = tmp_path / "run"
+    command = [str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", "1", str(REPO / "pretrain_recformer.py"),
+               "--data", str(corpus), "--out", str(out), *RUN, "--epochs", "100", "--save-every", "2",
+               "--no-tensorboard"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1")
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "deepspeed" / "latest").exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("[20")]
+    ours = [line for line in lines if line.startswith("interrupted:")]
+    assert launcher.returncode != 0 and ours == [
+        f"interrupted: kept {out}/deepspeed (the run did not finish; the same command with --resume --out {out} "
+        "goes on)"
+    ], stderr
+    runners = [line for line in lines if line not in ours]
+    assert not runners or (runners[0] == "Traceback (most recent call last):" and runners[-1] == "KeyboardInterrupt"
+                           and any("deepspeed/launcher/runner.py" in line for line in runners)), stderr  # fmt: skip
+    assert (out / "deepspeed" / "latest").is_file() and not (out / "final").exists()
 
 
 @pytest.fixture(scope="module")
