@@ -24,7 +24,9 @@ many starts and ends when.
 
 The grid resumes: a run or table that holds its result is skipped, a run directory left by a crash (no readable
 test_metrics.json) is removed and redone, and a killed fine-tuning goes on from its last finished epoch
-(finetune_recformer.py --resume). Outputs in --out: results.md (mean ± std over seeds, change against random init,
+(finetune_recformer.py --resume). On another machine, --reuse DIR takes the finished cells that --publish DIR
+copied there (their config.json, metrics.jsonl and test_metrics.json; the fine-tuning, whose checkpoints are not
+published, starts over). Outputs in --out: results.md (mean ± std over seeds, change against random init,
 convergence, inference cost), results.json (every run and the summary), test_ndcg10.png (test NDCG@10 by model and
 start), val_ndcg10.png (validation NDCG@10 per epoch, mean over seeds: convergence).
 
@@ -34,6 +36,7 @@ start), val_ndcg10.png (validation NDCG@10 per epoch, mean over seeds: convergen
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -124,6 +127,13 @@ class Args(Checked):
     report_only: bool = False
     """Train and export nothing: summarise the finished runs of the grid (results.md lists the missing ones), e.g.
     while other processes are still working through it."""
+    reuse: Path | None = None
+    """A directory holding finished runs of this grid made elsewhere, as --publish writes them (runs/<name>/ with
+    config.json, metrics.jsonl, test_metrics.json): each cell not finished in --out is copied from it first, then
+    checked like any finished run (other settings are refused). A grid goes on on a machine that lost its --out."""
+    publish: Path | None = None
+    """After the report, copy results.md, results.json, the plots and every finished cell's config.json,
+    metrics.jsonl and test_metrics.json (no checkpoints) to this directory, e.g. results/<dataset> to commit them."""
 
 
 @dataclass(frozen=True)
@@ -452,10 +462,20 @@ def run_tasks(args: Args, tasks: list[Task]) -> dict[str, str]:
 NOT_SETTINGS = {"out", "tensorboard", "log_every"}
 
 
+def grid_relative(config: dict) -> dict:
+    """A cell's settings with its item table named relative to its grid (<grid>/runs/<cell> is its --out): a grid
+    reused elsewhere (--reuse) has its tables in its own <grid>/tables/."""
+    grid = Path(config["out"]).parent.parent
+    table = config.get("embeddings")
+    if table is not None and Path(table).is_relative_to(grid):
+        return {**config, "embeddings": str(Path(table).relative_to(grid))}
+    return config
+
+
 def check_settings(run_dir: Path, settings) -> None:
     """A finished run is reused only if its config.json holds the settings this call would give it."""
-    recorded = json.loads((run_dir / "config.json").read_text())
-    wanted = json.loads(json.dumps(asdict(settings), default=str))  # as config.json stores it: paths as strings
+    recorded = grid_relative(json.loads((run_dir / "config.json").read_text()))
+    wanted = grid_relative(json.loads(json.dumps(asdict(settings), default=str)))  # paths as strings, as stored
     differing = sorted(key for key in wanted if key not in NOT_SETTINGS and recorded.get(key) != wanted[key])
     if differing:
         raise SystemExit(
@@ -471,6 +491,66 @@ def finished_cells(args: Args, starts: list[str]) -> list[Cell]:
     return done
 
 
+RUN_RECORD_FILES = ("config.json", "metrics.jsonl", "test_metrics.json")
+"""A finished cell's record: what the report reads from it, and what --publish and --reuse carry."""
+TABLES_FILE = "tables.json"
+"""The digests of the grid's item tables (see table_digests), beside the report."""
+PUBLISHED_FILES = ("results.md", "results.json", TABLES_FILE, "test_ndcg10.png", "val_ndcg10.png")
+
+
+def reuse_finished_cells(args: Args, starts: list[str]) -> None:
+    """Copy each cell finished in --reuse but not in --out into --out (the record files, into a fresh directory
+    renamed into place, so a kill leaves no half-copied run)."""
+    reused = 0
+    for cell in cells(args, starts):
+        source, target = args.reuse / "runs" / cell.name, args.out / "runs" / cell.name
+        if finished(target) or not finished(source):
+            continue
+        redo_if_crashed(target)
+        staging = target.with_name(f".{cell.name}.reuse")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name in RUN_RECORD_FILES:
+            shutil.copy2(source / name, staging / name)
+        staging.rename(target)
+        reused += 1
+    print(f"reused {reused} finished run(s) from {args.reuse}")
+
+
+def publish(args: Args, done: list[Cell]) -> None:
+    """The report and every finished cell's record files into --publish (each file written atomically)."""
+    for name in PUBLISHED_FILES:
+        if (args.out / name).exists():
+            data = (args.out / name).read_bytes()
+            save_atomic(args.publish / name, lambda tmp, data=data: tmp.write_bytes(data))
+    for cell in done:
+        for name in RUN_RECORD_FILES:
+            data = (args.out / "runs" / cell.name / name).read_bytes()
+            save_atomic(args.publish / "runs" / cell.name / name, lambda tmp, data=data: tmp.write_bytes(data))
+    print(f"published the report and {len(done)} finished run(s) to {args.publish}")
+
+
+def table_digests(path: Path) -> dict:
+    """sha256 of a table file's bytes (what a run's config.json records) and of its values alone: two exports of
+    the same vectors differ in bytes (safetensors writes its metadata in no fixed order) but not in values."""
+    values = hashlib.sha256()
+    with safe_open(str(path), framework="np") as table:
+        for name in sorted(table.keys()):
+            values.update(table.get_tensor(name).tobytes())
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "values_sha256": values.hexdigest()}
+
+
+def table_mismatches(args: Args, records: list[dict], tables: dict[str, dict]) -> int:
+    """PLM runs that started from other vectors than <out>/tables/ holds now (runs reused from a grid whose export
+    gave other values, e.g. another machine's arithmetic); the --reuse directory's tables.json says which values
+    its runs' files held."""
+    reused = args.reuse / TABLES_FILE if args.reuse is not None else None
+    known = [*tables.values(), *(json.loads(reused.read_text()).values() if reused and reused.exists() else [])]
+    values_of = {digests["sha256"]: digests["values_sha256"] for digests in known}
+    return sum(values_of.get(record["item_table_sha256"]) != tables.get(record["start"], {}).get("values_sha256")
+               for record in records if record["start"] not in ("random", "recformer"))  # fmt: skip
+
+
 def parameter_count(args: Args, model_name: str, num_items: int) -> int:
     """Parameters `model_name` uses to score a user (all of them, the item table included): the same for every
     start and transform, since the tables only initialise the model."""
@@ -484,11 +564,13 @@ def read_run(args: Args, cell: Cell, parameters: int) -> dict:
     run_dir = args.out / "runs" / cell.name
     test = json.loads((run_dir / "test_metrics.json").read_text())
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    table = json.loads((run_dir / "config.json").read_text()).get("provenance", {}).get("item_table") or {}
     cap = epoch_cap(args, cell.model)
     return {
         **asdict(cell),
         "protocol": cell.protocol,
         "run_dir": str(run_dir),
+        "item_table_sha256": table.get("sha256"),
         "test": test,
         "val_ndcg10": [epoch["NDCG@10"] for epoch in epochs],
         "train_seconds": sum(epoch["train_seconds"] for epoch in epochs),
@@ -603,7 +685,8 @@ def cost_cells(entry: dict) -> list[str]:
     return [f"{entry['parameters'] / 1e6:.2f} M", "" if speed is None else f"{speed:,.0f}"]
 
 
-def results_markdown(summary: list[dict], records: list[dict], args: Args, missing: list[str]) -> str:
+def results_markdown(summary: list[dict], records: list[dict], args: Args, missing: list[str],
+                     mismatched_tables: int) -> str:  # fmt: skip
     """The paper-style table, one section per protocol; convergence and cost per row; then the missing runs."""
     hours = sum(record["train_seconds"] for record in records) / 3600
     backbone = backbone_name(args)
@@ -621,6 +704,9 @@ def results_markdown(summary: list[dict], records: list[dict], args: Args, missi
         f"used to score a user, and users/s of test scoring on this machine ({threads_per_job(args)} CPU thread(s) "
         "per run unless on CUDA).",
     ]
+    if mismatched_tables:
+        lines[-1] += (f" **{mismatched_tables} PLM runs started from other item vectors than tables/ holds now** "
+                      "(reused from a grid whose export gave other values).")  # fmt: skip
     for protocol_name in dict.fromkeys(entry["protocol"] for entry in summary):
         lines += ["", f"## {protocol_name}", ""]
         columns = ["model", "item table (transform)", *TABLE_METRICS, "n", "vs random", "best epochs", "params",
@@ -706,6 +792,11 @@ def check_flags(args: Args) -> SeqDataset:
         raise SystemExit("error: --seeds, --models, --transforms and --sample-sizes each need at least one value")
     if args.pretrained and not Path(args.pretrained).exists():
         raise SystemExit(f"error: --pretrained: {args.pretrained} not found")
+    if args.reuse is not None and not (args.reuse / "runs").is_dir():
+        raise SystemExit(f"error: --reuse: {args.reuse} holds no runs/ directory (reproduce.py --publish writes one)")
+    for flag, path in (("--reuse", args.reuse), ("--publish", args.publish)):
+        if path is not None and path.resolve() == args.out.resolve():
+            raise SystemExit(f"error: {flag}: {path} is --out itself; name another directory")
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --out: {args.out} is a file, not a grid directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / GRID_FILE).exists():
@@ -729,6 +820,8 @@ def main(args: Args) -> dict:
     starts = ["random", "longformer", *(["pretrain"] if args.pretrained else []),
               *(["finetune"] if args.finetune_epochs > 0 else [])]  # fmt: skip
     tasks = tasks_of(args, starts)
+    if args.reuse is not None:
+        reuse_finished_cells(args, starts)
     if table_path(args, "longformer").exists():
         finished_cells(args, starts)  # refuses finished runs made with other settings before anything runs
     if not args.report_only:
@@ -749,12 +842,16 @@ def main(args: Args) -> dict:
         args.out / "results.json",
         {"args": args, "width": model_width(args), "runs": records, "missing": missing, "summary": summary},
     )
-    markdown = results_markdown(summary, records, args, missing)
+    tables = {start: table_digests(table_path(args, start)) for start in starts if table_path(args, start).exists()}
+    write_json_atomic(args.out / TABLES_FILE, tables)
+    markdown = results_markdown(summary, records, args, missing, table_mismatches(args, records, tables))
     save_atomic(args.out / "results.md", lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     if summary:
         plot_results(summary, args)
     print(markdown)
     print(f"wrote {args.out}/results.md, results.json, test_ndcg10.png, val_ndcg10.png in {time.time() - began:.0f} s")
+    if args.publish is not None:
+        publish(args, done)
     if not args.report_only and failed:
         raise SystemExit(f"error: {len(failed)} task(s) failed: {', '.join(failed)} (logs in {args.out / 'logs'})")
     return {"runs": records, "summary": summary}

@@ -162,16 +162,52 @@ def test_parallel_cells_give_the_results_of_one_job(synthetic_data, tmp_path):
     assert (tmp_path / "two" / "logs" / "finetune.log").read_text().count("stage 1 epoch 1") == 1
 
 
-TIMINGS = {"train_seconds", "test_seconds", "users_per_s", "run_dir"}
+# Timings, paths, and the digest of a table file's bytes (two exports of equal vectors differ in metadata order)
+NOT_COMPARED = {"train_seconds", "test_seconds", "users_per_s", "run_dir", "item_table_sha256"}
 
 
 def comparable(results: dict):
-    """results (runs and summary) without timings and paths."""
+    """results (runs and summary) without timings, paths and file digests."""
     if isinstance(results, dict):
-        return {key: comparable(value) for key, value in results.items() if key not in TIMINGS}
+        return {key: comparable(value) for key, value in results.items() if key not in NOT_COMPARED}
     if isinstance(results, list):
         return [comparable(value) for value in results]
     return results
+
+
+def test_published_runs_are_reused_on_a_machine_without_the_grid(synthetic_data, tmp_path, stage_calls):
+    """--publish copies the report and each finished cell's record files (no checkpoints); a grid on a fresh --out
+    with --reuse trains none of those cells again and reports what the original grid reported; a reused PLM run
+    whose table values differ from the re-exported one's is flagged; reused runs of other settings are refused."""
+    args = dataclasses.replace(tiny_grid(synthetic_data, tmp_path / "first"), models=("sasrec",),
+                               transforms=("none",), finetune_epochs=0, publish=tmp_path / "published")  # fmt: skip
+    first = reproduce.main(args)
+    published = tmp_path / "published"
+    assert sorted(p.name for p in published.iterdir()) == sorted([*reproduce.PUBLISHED_FILES, "runs"])
+    cells = ["sasrec-longformer-none-sampled-20-seed42", "sasrec-random-none-sampled-20-seed42"]
+    assert sorted(p.name for p in (published / "runs").iterdir()) == cells
+    for cell in cells:
+        assert sorted(p.name for p in (published / "runs" / cell).iterdir()) == sorted(reproduce.RUN_RECORD_FILES)
+
+    stage_calls.clear()
+    fresh = dataclasses.replace(args, out=tmp_path / "second", publish=None, reuse=published)
+    second = reproduce.main(fresh)
+    assert stage_calls == ["export_embeddings"]  # the table is exported again; no cell is trained
+    assert comparable(second) == comparable(first)
+    assert "other item vectors" not in (tmp_path / "second" / "results.md").read_text()  # same values, new bytes
+
+    config_file = tmp_path / "second" / "runs" / cells[0] / "config.json"
+    config = json.loads(config_file.read_text())
+    config["provenance"]["item_table"]["sha256"] = "0" * 64  # as if exported on another machine
+    config_file.write_text(json.dumps(config))
+    reproduce.main(dataclasses.replace(fresh, report_only=True))
+    assert "**1 PLM runs started from other item vectors than tables/ holds now**" in (
+        tmp_path / "second" / "results.md").read_text()  # fmt: skip
+
+    with pytest.raises(SystemExit, match=r"finished with other settings \(epochs\)"):
+        reproduce.main(dataclasses.replace(fresh, out=tmp_path / "third", epochs=2))
+    with pytest.raises(SystemExit, match=r"^error: --reuse: .* holds no runs/ directory"):
+        reproduce.main(dataclasses.replace(fresh, reuse=tmp_path))
 
 
 def test_not_converged_exactly_when_the_best_epoch_is_within_patience_of_the_cap(synthetic_data, tmp_path):
