@@ -258,7 +258,7 @@ def prepare(
         args=args, data=data, model=model, tokenizer=tokenizer, tokens=dataset_item_tokens(tokenizer, data),
         device=device, dtype=dtype, rank=rank, world=world, trained=trained, rng=np.random.default_rng(args.seed),
         val_users=validation_subset(data, args.val_users, args.seed),
-        scaler=torch.amp.GradScaler(enabled=dtype == torch.float16),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
     )  # fmt: skip
     if world > 1:
         torch.manual_seed(args.seed + rank)  # dropout differs between the processes, as between examples
