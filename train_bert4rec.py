@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -229,29 +228,25 @@ def cloze_mask(
     return inputs, torch.where(chosen, tokens, PAD)
 
 
-def batch_loss(
-    model: BERT4Rec, compiled_model: Callable[[torch.Tensor], torch.Tensor], sequences: torch.Tensor, args: Args
-) -> torch.Tensor | None:
-    """Cloze loss of one batch of sequences (B, max_len), or None when no position was drawn for prediction;
-    `compiled_model` runs the forward pass (it is `model` itself without --compile)."""
+def batch_loss(model: BERT4Rec, sequences: torch.Tensor, args: Args) -> torch.Tensor | None:
+    """Cloze loss of one batch of sequences (B, max_len), or None when no position was drawn for prediction; `model`
+    may be its torch.compile wrapper."""
     inputs, labels = cloze_mask(sequences, args.mask_prob, model.mask_token, model.num_items)
-    hidden, index = hidden_at(compiled_model, inputs, labels != PAD, args.chunk_rows)  # (N, d), (N,)
+    hidden, index = hidden_at(model, inputs, labels != PAD, args.chunk_rows)  # (N, d), (N,)
     if len(index) == 0:
         return None
     return F.cross_entropy(model.item_logits(hidden), labels.reshape(-1)[index] - 1)
 
 
-def make_scorer(
-    model: BERT4Rec, compiled_model: Callable[[torch.Tensor], torch.Tensor], args: Args, device: torch.device
-) -> Scorer:
-    """The evaluation view of the model: append the mask token, score the items at that position (the forward pass
-    runs through `compiled_model`, which is `model` itself without --compile)."""
+def make_scorer(model: BERT4Rec, args: Args, device: torch.device) -> Scorer:
+    """The evaluation view of the model (or of its torch.compile wrapper): append the mask token, score the items at
+    that position."""
 
     def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         """histories (B, max_len - 1) -> scores (B, C) of candidates (B, C), or (B, num_items + 1) of every item."""
         masked = torch.cat([histories, torch.full_like(histories[:, :1], model.mask_token)], dim=1)
         with autocast(device, args.dtype):
-            hidden = last_hidden(compiled_model, masked, args.chunk_rows).float()  # (B, d)
+            hidden = last_hidden(model, masked, args.chunk_rows).float()  # (B, d)
         if candidates is None:
             return model.out(hidden)
         weight, bias = model.out.weight[candidates], model.out.bias[candidates]  # (B, C, d), (B, C)
@@ -262,7 +257,6 @@ def make_scorer(
 
 def evaluate_split(
     model: BERT4Rec,
-    compiled_model: Callable[[torch.Tensor], torch.Tensor],
     data: SeqDataset,
     split: str,
     args: Args,
@@ -272,7 +266,7 @@ def evaluate_split(
     model.eval()
     with torch.no_grad():
         return evaluate(
-            make_scorer(model, compiled_model, args, device),
+            make_scorer(model, args, device),
             data,
             split,
             max_len=args.max_len - 1,  # the scorer appends the mask token
@@ -315,10 +309,12 @@ def main(args: Args) -> dict[str, float]:
         raise SystemExit(f"error: {error}") from None
     model.to(device)
     sequences = torch.from_numpy(data.train_matrix(args.max_len)).to(device)  # (U, max_len) left-padded
-    # The forward pass runs through compiled_model: torch.compile's wrapper of `model` with --compile (same
-    # parameters), `model` itself without; `model` is what the optimiser, the output layer and checkpoints use.
-    compiled_model = torch.compile(model, dynamic=True) if args.compile else model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    # As nanoGPT does it: with --compile `model` becomes torch.compile's wrapper, which runs the forward passes and
+    # reads through to the same parameters and attributes; `raw_model` is what the optimiser and checkpoints use.
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
+    optimizer = torch.optim.Adam([p for p in raw_model.parameters() if p.requires_grad], lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(
         args.out, "bert4rec", args.data, run_tag(item_table), args, overwrite=args.overwrite, item_table=item_table
@@ -343,7 +339,7 @@ def main(args: Args) -> dict[str, float]:
         bar = progress(batches, desc=f"epoch {epoch}", leave=False)
         for batch in bar:
             with autocast(device, args.dtype):
-                loss = batch_loss(model, compiled_model, sequences[batch], args)
+                loss = batch_loss(model, sequences[batch], args)
             if loss is None:  # no position drawn for prediction: no step
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -363,7 +359,7 @@ def main(args: Args) -> dict[str, float]:
         train_loss = float(epoch_loss) / max(1, epoch_steps)
         seconds = time.perf_counter() - started
 
-        val = evaluate_split(model, compiled_model, data, "val", args, device)
+        val = evaluate_split(model, data, "val", args, device)
         record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": seconds, **val}
         append_jsonl(run_dir / "metrics.jsonl", record)
         scalars.add(step, **{"train/sequences_per_s": len(sequences) / seconds})
@@ -372,14 +368,14 @@ def main(args: Args) -> dict[str, float]:
               f"HR@10 {val['HR@10']:.4f}")
         if stopper.update(val[BEST_METRIC]):
             best_epoch, best_step = epoch, step
-            state = {"model": model.state_dict(), "epoch": epoch}
+            state = {"model": raw_model.state_dict(), "epoch": epoch}
             save_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
         if stopper.should_stop:
             break
 
-    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
+    raw_model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
     began = time.perf_counter()
-    test = evaluate_split(model, compiled_model, data, "test", args, device)
+    test = evaluate_split(model, data, "test", args, device)
     record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best,
               "test_seconds": time.perf_counter() - began}  # fmt: skip
     write_json_atomic(run_dir / "test_metrics.json", record)

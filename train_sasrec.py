@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -276,7 +275,6 @@ def ce_loss(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) ->
 
 def batch_loss(
     model: SASRec,
-    compiled_model: Callable[[torch.Tensor], torch.Tensor],
     users: torch.Tensor,
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -284,9 +282,8 @@ def batch_loss(
     loss_name: str,
     args: Args,
 ) -> torch.Tensor:
-    """Loss of one batch: users (B,), inputs and targets (B, max_len); `compiled_model` runs the forward pass (it is
-    `model` itself without --compile)."""
-    hidden, index = hidden_at(compiled_model, inputs, targets != PAD, args.chunk_rows)  # (N, d), (N,)
+    """Loss of one batch: users (B,), inputs and targets (B, max_len); `model` may be its torch.compile wrapper."""
+    hidden, index = hidden_at(model, inputs, targets != PAD, args.chunk_rows)  # (N, d), (N,)
     positives = targets.reshape(-1)[index]
     table = model.item_emb.weight
     if loss_name == "ce":
@@ -295,16 +292,14 @@ def batch_loss(
     return bce_loss(hidden, table, positives, negatives.reshape(-1)[index])
 
 
-def make_scorer(
-    model: SASRec, compiled_model: Callable[[torch.Tensor], torch.Tensor], args: Args, device: torch.device
-) -> Scorer:
-    """The evaluation view of the model: the newest position's output (from `compiled_model`, which is `model`
-    itself without --compile) dotted with the item table."""
+def make_scorer(model: SASRec, args: Args, device: torch.device) -> Scorer:
+    """The evaluation view of the model (or of its torch.compile wrapper): the newest position's output dotted with
+    the item table."""
 
     def scorer(histories: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         """histories (B, L) -> scores (B, C) of candidates (B, C), or (B, num_items + 1) of every item."""
         with autocast(device, args.dtype):
-            hidden = last_hidden(compiled_model, histories, args.chunk_rows).float()  # (B, d)
+            hidden = last_hidden(model, histories, args.chunk_rows).float()  # (B, d)
         table = model.item_emb.weight
         if candidates is None:
             return hidden @ table.T
@@ -315,7 +310,6 @@ def make_scorer(
 
 def evaluate_split(
     model: SASRec,
-    compiled_model: Callable[[torch.Tensor], torch.Tensor],
     data: SeqDataset,
     split: str,
     args: Args,
@@ -325,7 +319,7 @@ def evaluate_split(
     model.eval()
     with torch.no_grad():
         return evaluate(
-            make_scorer(model, compiled_model, args, device),
+            make_scorer(model, args, device),
             data,
             split,
             max_len=args.max_len,
@@ -372,10 +366,12 @@ def main(args: Args) -> dict[str, float]:
         raise SystemExit(f"error: {args.data}: no user has two training items to learn from")
     model.to(device)
     users, inputs, targets = users.to(device), inputs.to(device), targets.to(device)
-    # The forward pass runs through compiled_model: torch.compile's wrapper of `model` with --compile (same
-    # parameters), `model` itself without; `model` is what the optimiser, the item table and checkpoints use.
-    compiled_model = torch.compile(model, dynamic=True) if args.compile else model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98))
+    # As nanoGPT does it: with --compile `model` becomes torch.compile's wrapper, which runs the forward passes and
+    # reads through to the same parameters and attributes; `raw_model` is what the optimiser and checkpoints use.
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
+    optimizer = torch.optim.Adam([p for p in raw_model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.98))
     scaler = torch.amp.GradScaler(device.type, enabled=precision(args.dtype, device) == torch.float16)
     run_dir = create_run_dir(
         args.out, "sasrec", args.data, run_tag(item_table), args, overwrite=args.overwrite, item_table=item_table
@@ -401,7 +397,7 @@ def main(args: Args) -> dict[str, float]:
         for epoch_step, batch in enumerate(bar, start=1):
             with autocast(device, args.dtype):
                 loss = batch_loss(
-                    model, compiled_model, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
+                    model, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -419,7 +415,7 @@ def main(args: Args) -> dict[str, float]:
         train_loss = float(epoch_loss) / len(batches)
         seconds = time.perf_counter() - started
 
-        val = evaluate_split(model, compiled_model, data, "val", args, device)
+        val = evaluate_split(model, data, "val", args, device)
         record = {"epoch": epoch, "train_loss": train_loss, "train_seconds": seconds, **val}
         append_jsonl(run_dir / "metrics.jsonl", record)
         scalars.add(step, **{"train/sequences_per_s": len(users) / seconds})
@@ -428,14 +424,14 @@ def main(args: Args) -> dict[str, float]:
               f"HR@10 {val['HR@10']:.4f}")
         if stopper.update(val[BEST_METRIC]):
             best_epoch, best_step = epoch, step
-            state = {"model": model.state_dict(), "epoch": epoch}
+            state = {"model": raw_model.state_dict(), "epoch": epoch}
             save_atomic(checkpoint, lambda tmp: torch.save(state, tmp))
         if stopper.should_stop:
             break
 
-    model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
+    raw_model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True)["model"])
     began = time.perf_counter()
-    test = evaluate_split(model, compiled_model, data, "test", args, device)
+    test = evaluate_split(model, data, "test", args, device)
     record = {**test, "best_epoch": best_epoch, f"val_{BEST_METRIC}": stopper.best,
               "test_seconds": time.perf_counter() - began}  # fmt: skip
     write_json_atomic(run_dir / "test_metrics.json", record)

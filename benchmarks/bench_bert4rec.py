@@ -59,15 +59,16 @@ def measure(bench: Args, args: train_bert4rec.Args, data, device: torch.device) 
     seed_everything(0)
     sequences = torch.from_numpy(data.train_matrix(args.max_len)).to(device)
     model = train_bert4rec.BERT4Rec(data.num_items, args).to(device).train()
-    compiled_model = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
     batches = torch.randperm(len(sequences), device=device).split(args.batch_size)
     batch_number = iter(range(10**9))
 
     def step() -> None:
         batch = batches[next(batch_number) % len(batches)]
         with autocast(device, args.dtype):
-            loss = train_bert4rec.batch_loss(model, compiled_model, sequences[batch], args)
+            loss = train_bert4rec.batch_loss(model, sequences[batch], args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -75,7 +76,7 @@ def measure(bench: Args, args: train_bert4rec.Args, data, device: torch.device) 
     sequences_per_second = bench.steps * args.batch_size / time_steps(step, bench.steps, bench.warmup, device)
     flops_per_sequence = count_flops(step, bench.flop_steps) / (bench.flop_steps * args.batch_size)
     model.eval()
-    scorer = train_bert4rec.make_scorer(model, compiled_model, args, device)
+    scorer = train_bert4rec.make_scorer(model, args, device)
     # evaluate() hands the scorer max_len - 1 history items; it appends the mask token.
     users_per_second = time_evaluation(scorer, data, dataclasses.replace(args, max_len=args.max_len - 1), 100, device)
     return sequences_per_second, flops_per_sequence * sequences_per_second, users_per_second

@@ -133,8 +133,9 @@ def measure(
     users, inputs, targets = (t.to(device) for t in train_sasrec.next_item_pairs(data, args.max_len))
     history_keys = train_sasrec.training_history_keys(data).to(device)
     model = train_sasrec.SASRec(data.num_items, args).to(device).train()
-    compiled_model = torch.compile(model, dynamic=True) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
     batches = torch.randperm(len(users), device=device).split(args.batch_size)
     batch_number = iter(range(10**9))
 
@@ -142,7 +143,7 @@ def measure(
         batch = batches[next(batch_number) % len(batches)]
         with autocast(device, args.dtype):
             loss = train_sasrec.batch_loss(
-                model, compiled_model, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
+                model, users[batch], inputs[batch], targets[batch], history_keys, loss_name, args
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,7 +152,7 @@ def measure(
     sequences_per_second = bench.steps * args.batch_size / time_steps(step, bench.steps, bench.warmup, device)
     flops_per_sequence = count_flops(step, bench.flop_steps) / (bench.flop_steps * args.batch_size)
     model.eval()
-    scorer = train_sasrec.make_scorer(model, compiled_model, args, device)
+    scorer = train_sasrec.make_scorer(model, args, device)
     users_per_second = time_evaluation(scorer, data, args, 100 if loss_name == "bce" else -1, device)
     return sequences_per_second, flops_per_sequence * sequences_per_second, users_per_second
 

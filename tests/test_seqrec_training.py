@@ -49,8 +49,8 @@ def best_not_last(request, synthetic_data, tmp_path_factory):
     )
     evaluate_split, weights, epochs = script.evaluate_split, {}, iter(range(1, len(VAL_NDCG10) + 1))
 
-    def scripted_validation(model, compiled_model, data, split, *rest):
-        metrics = evaluate_split(model, compiled_model, data, split, *rest)
+    def scripted_validation(model, data, split, *rest):
+        metrics = evaluate_split(model, data, split, *rest)
         if split == "test":
             weights["test"] = copy_state(model)
             return metrics
@@ -96,7 +96,7 @@ def test_test_metrics_come_from_the_reloaded_best_checkpoint(best_not_last):
     data = load_dataset(args.data)
     model = model_class(data.num_items, args)
     model.load_state_dict(checkpoint["model"])
-    expected = script.evaluate_split(model, model, data, "test", args, torch.device("cpu"))
+    expected = script.evaluate_split(model, data, "test", args, torch.device("cpu"))
     assert {name: test[name] for name in expected} == expected
 
 
