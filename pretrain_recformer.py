@@ -39,7 +39,6 @@ from deepspeed.utils import safe_get_full_fp32_param
 from torch._utils import _unflatten_dense_tensors
 
 from common.cli import Checked, Dtype, NonNegative, OutputDir, Positive, Seed, between
-from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import DatasetError, Sequences, item_attributes, read_json
 from common.distributed import (
     from_rank0,
@@ -50,7 +49,6 @@ from common.distributed import (
     silence_other_ranks,
 )
 from common.masking import whole_word_mask
-from common.modeling_recformer import RecformerForPretraining, set_attention
 from common.run import (
     Scalars,
     append_jsonl,
@@ -64,7 +62,9 @@ from common.run import (
     save_atomic,
     to_device,
 )
-from common.tokenization_recformer import NAME_TYPE, VALUE_TYPE, ItemTokens, build_batch, cached_item_tokens
+from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
+from recformer.modeling_recformer import RecformerForPretraining, set_attention
+from recformer.tokenization_recformer import NAME_TYPE, VALUE_TYPE, ItemTokens, build_batch, cached_item_tokens
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Args(Checked):
     data: Path = Path("data/corpus")
     """corpus directory with train.json, dev.json and meta_data.json (`prepare_data.py pretrain-corpus` builds one)"""
     backbone: str = "tiny"
-    """model to start from: any form `common/convert_recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder,
+    """model to start from: any form `recformer/convert_recformer.py` loads (Longformer MLM, BERT/RoBERTa encoder,
     Recformer checkpoint directory, the paper's .bin files, `tiny`, or `minilm`)"""
     out: Annotated[Path | None, OutputDir] = None
     """run directory (default runs/pretrain/<corpus>-<backbone>-<timestamp>)"""
@@ -121,7 +121,7 @@ class Args(Checked):
     tensorboard: bool = True
     """Write TensorBoard scalars to <out>/tensorboard/ (local event files; nothing is sent anywhere)"""
     attention: Literal["fast", "hf"] = "fast"
-    """encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
+    """encoder attention: "fast" (fused kernels, recformer/attention_recformer.py) or "hf" (Hugging Face's Longformer
     attention, the reference); the same function and weights"""
 
 
@@ -462,8 +462,8 @@ class Run:
     args: Args
     corpus: Corpus
     tokens: ItemTokens
-    tokenizer: object  # common.tokenization_recformer.RecformerTokenizer
-    config: object  # common.modeling_recformer.RecformerConfig
+    tokenizer: object  # recformer.tokenization_recformer.RecformerTokenizer
+    config: object  # recformer.modeling_recformer.RecformerConfig
     frozen: dict  # fp32 values of frozen parameters, by name
     out: Path
     rank: int

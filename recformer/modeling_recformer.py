@@ -4,7 +4,7 @@
                              positions, 3 attributes of 32 tokens, cls pooling, temperature 0.05, MLM weight 0.1).
     RecformerModel           embeddings (word + RoBERTa-style position + token type + item position) and the
                              `transformers` Longformer encoder; forward(**batch) -> (hidden (B, T, H), pooled (B, H)),
-                             pooled = the first token. Its attention is computed by common/recformer_attention.py
+                             pooled = the first token. Its attention is computed by recformer/attention_recformer.py
                              ("fast", the default) or by `transformers` ("hf", the reference): set_attention(model,
                              kind), a runtime choice that checkpoints do not record.
     RecformerForSeqRec       .longformer + a fixed item table; cosine(pooled, item) / temp, full or sampled softmax.
@@ -12,7 +12,7 @@
                              PretrainingOutput(pooled, mlm_logits, mlm_loss).
     encode_items             the item table (rows, H) from one-item sequences; fine-tuning and export both use it.
 
-Inputs come from common/tokenization_recformer.py (build_batch); weights from common/convert_recformer.py.
+Inputs come from recformer/tokenization_recformer.py (build_batch); weights from recformer/convert_recformer.py.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from transformers.models.longformer.modeling_longformer import (
 
 from common.data import PAD
 from common.masking import IGNORE_INDEX
-from common.recformer_attention import check_recformer_masks, run_encoder
 from common.run import progress, to_device
-from common.tokenization_recformer import ItemTokens, build_batch
+from recformer.attention_recformer import check_recformer_masks, run_encoder
+from recformer.tokenization_recformer import ItemTokens, build_batch
 
 ATTENTIONS = ("fast", "hf")
 
