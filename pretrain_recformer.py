@@ -463,7 +463,7 @@ class Run:
     corpus: Corpus
     tokens: ItemTokens
     tokenizer: object  # recformer.tokenization_recformer.RecformerTokenizer
-    config: object  # recformer.modeling_recformer.RecformerConfig
+    config: object  # recformer.configuration_recformer.RecformerConfig
     frozen: dict  # fp32 values of frozen parameters, by name
     out: Path
     rank: int

@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import finetune_recformer  # noqa: E402
 from common.data import load_dataset  # noqa: E402
 from common.run import Scalars, resolve_device, seed_everything, to_device  # noqa: E402
+from recformer.configuration_recformer import RecformerConfig  # noqa: E402
 from recformer.convert_recformer import load_backbone  # noqa: E402
 from recformer.modeling_recformer import (  # noqa: E402
-    RecformerConfig,
     RecformerForSeqRec,
     RecformerModel,
     encode_items,

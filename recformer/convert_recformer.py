@@ -32,7 +32,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from common.run import load_torch_file, save_atomic
-from recformer.modeling_recformer import RecformerConfig, RecformerModel
+from recformer.configuration_recformer import RecformerConfig
+from recformer.modeling_recformer import RecformerModel
 from recformer.tokenization_recformer import RecformerTokenizer
 
 hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with the training bars

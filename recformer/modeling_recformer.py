@@ -1,7 +1,5 @@
 """Recformer's model: a Longformer whose embeddings know item positions and attribute token types.
 
-    RecformerConfig          LongformerConfig + Recformer's fields (window 64, 4 token types, 1024 tokens, 51 item
-                             positions, 3 attributes of 32 tokens, cls pooling, temperature 0.05, MLM weight 0.1).
     RecformerModel           embeddings (word + RoBERTa-style position + token type + item position) and the
                              `transformers` Longformer encoder; forward(**batch) -> (hidden (B, T, H), pooled (B, H)),
                              pooled = the first token. Its attention is computed by recformer/attention_recformer.py
@@ -12,7 +10,8 @@
                              PretrainingOutput(pooled, mlm_logits, mlm_loss).
     encode_items             the item table (rows, H) from one-item sequences; fine-tuning and export both use it.
 
-Inputs come from recformer/tokenization_recformer.py (build_batch); weights from recformer/convert_recformer.py.
+The configuration is recformer/configuration_recformer.py; inputs come from recformer/tokenization_recformer.py
+(build_batch); weights from recformer/convert_recformer.py.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, LongformerConfig
 from transformers.models.longformer.modeling_longformer import (
     LongformerEncoder,
     LongformerLMHead,
@@ -35,49 +33,10 @@ from common.data import PAD
 from common.masking import IGNORE_INDEX
 from common.run import progress, to_device
 from recformer.attention_recformer import check_recformer_masks, run_encoder
+from recformer.configuration_recformer import RecformerConfig
 from recformer.tokenization_recformer import ItemTokens, build_batch
 
 ATTENTIONS = ("fast", "hf")
-
-
-class RecformerConfig(LongformerConfig):
-    model_type = "recformer"
-
-    def __init__(
-        self,
-        attention_window: int | list[int] = 64,
-        token_type_size: int = 4,
-        max_token_num: int = 1024,
-        max_item_embeddings: int = 51,
-        max_attr_num: int = 3,
-        max_attr_length: int = 32,
-        pooler_type: str = "cls",
-        temp: float = 0.05,
-        mlm_weight: float = 0.1,
-        **kwargs,
-    ):
-        kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(attention_window=attention_window, **kwargs)
-        if isinstance(self.attention_window, int):
-            self.attention_window = [self.attention_window] * self.num_hidden_layers
-        self.token_type_size = token_type_size
-        self.max_token_num = max_token_num
-        self.max_item_embeddings = max_item_embeddings
-        self.max_attr_num = max_attr_num
-        self.max_attr_length = max_attr_length
-        self.pooler_type = pooler_type
-        self.temp = temp
-        self.mlm_weight = mlm_weight
-
-    @property
-    def window(self) -> int:
-        """The largest layer window: the Hugging Face attention pads sequences to a multiple of it (for its chunks)."""
-        return max(self.attention_window)
-
-
-
-
-AutoConfig.register(RecformerConfig.model_type, RecformerConfig)  # lets AutoTokenizer read our checkpoint dirs
 
 
 def roberta_position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from common.data import PAD, DatasetError, SeqDataset
 from common.run import progress, save_atomic
 
 if TYPE_CHECKING:
-    from recformer.modeling_recformer import RecformerConfig
+    from recformer.configuration_recformer import RecformerConfig
 
 NAME_TYPE, VALUE_TYPE, LEADING_TYPE, PADDING_TYPE = 1, 2, 0, 3
 

@@ -25,7 +25,7 @@ def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     """A private copy of the synthetic dataset (120 items) and broken files of every kind, by short name."""
     from common.run import write_json_atomic
     from pretrain_recformer import Args as PretrainArgs
-    from recformer.modeling_recformer import RecformerConfig
+    from recformer.configuration_recformer import RecformerConfig
 
     root = tmp_path_factory.mktemp("bad_inputs")
     data = root / "data"

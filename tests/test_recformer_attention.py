@@ -5,7 +5,8 @@ import torch
 
 from recformer import attention_recformer
 from recformer.attention_recformer import KERNELS, run_encoder
-from recformer.modeling_recformer import RecformerConfig, RecformerForSeqRec, RecformerModel, set_attention
+from recformer.configuration_recformer import RecformerConfig
+from recformer.modeling_recformer import RecformerForSeqRec, RecformerModel, set_attention
 
 WIDTH = 16
 

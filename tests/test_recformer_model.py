@@ -1,4 +1,4 @@
-"""Recformer model, item/sequence tokenizer and backbone conversions (common/*_recformer.py)."""
+"""Recformer model, item/sequence tokenizer and backbone conversions (recformer/)."""
 
 import sys
 
@@ -10,9 +10,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LongformerConfig, LongformerForMaskedLM, PreTrainedTokenizerFast
 
 from common.data import load_dataset, write_dataset
+from recformer.configuration_recformer import RecformerConfig
 from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from recformer.modeling_recformer import (
-    RecformerConfig,
     RecformerForPretraining,
     RecformerForSeqRec,
     RecformerModel,
