@@ -61,6 +61,7 @@ from common.embeddings import (
     save_item_embeddings,
     save_paper_layout,
 )
+from common.recformer_data import dataset_item_tokens, encode_items, item_texts
 from common.run import (
     OutputError,
     check_output_file,
@@ -70,8 +71,7 @@ from common.run import (
     seed_everything,
 )
 from recformer.convert_recformer import BackboneError, load_backbone, paper_item_table
-from recformer.modeling_recformer import RecformerModel, encode_items, set_attention
-from recformer.tokenization_recformer import dataset_item_tokens, item_texts
+from recformer.modeling_recformer import RecformerModel, set_attention
 
 
 @dataclass

@@ -17,7 +17,7 @@ none) are the input, the item at it the label. Loss: softmax over all items, or 
 Evaluation is the shared code (common/evaluation.py) with the same cached negatives as SASRec and BERT4Rec.
 
 Padding-free batches: an optimizer step's batch_size x grad_accum examples (users in random order, as before) are
-sorted by token count and cut into encoder calls by recformer.tokenization_recformer.token_budget_chunks; each call's
+sorted by token count and cut into encoder calls by common.recformer_data.token_budget_chunks; each call's
 mean loss is weighted by its share of the step, so the step's gradient is the step's mean loss gradient, as with equal
 micro-batches.
 Evaluation batches are grouped the same way. The item table is encoded only when the weights changed since its last
@@ -84,6 +84,14 @@ from common.evaluation import (
     result_line,
     sample_negatives,
 )
+from common.recformer_data import (
+    build_batch,
+    dataset_item_tokens,
+    encode_items,
+    item_texts,
+    sequence_token_counts,
+    token_budget_chunks,
+)
 from common.run import (
     EarlyStopping,
     OutputError,
@@ -104,16 +112,8 @@ from common.run import (
     write_json_atomic,
 )
 from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
-from recformer.modeling_recformer import RecformerForSeqRec, encode_items, set_attention
-from recformer.tokenization_recformer import (
-    ItemTokens,
-    RecformerTokenizer,
-    build_batch,
-    dataset_item_tokens,
-    item_texts,
-    sequence_token_counts,
-    token_budget_chunks,
-)
+from recformer.modeling_recformer import RecformerForSeqRec, set_attention
+from recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
 
 BEST_METRIC = "NDCG@10"
 RESUME_FILE = "resume.pt"

@@ -49,6 +49,7 @@ from common.distributed import (
     silence_other_ranks,
 )
 from common.masking import whole_word_mask
+from common.recformer_data import build_batch, cached_item_tokens
 from common.run import (
     Scalars,
     append_jsonl,
@@ -64,7 +65,7 @@ from common.run import (
 )
 from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from recformer.modeling_recformer import RecformerForPretraining, set_attention
-from recformer.tokenization_recformer import NAME_TYPE, VALUE_TYPE, ItemTokens, build_batch, cached_item_tokens
+from recformer.tokenization_recformer import NAME_TYPE, VALUE_TYPE, ItemTokens
 
 
 @dataclass

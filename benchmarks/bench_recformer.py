@@ -40,22 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import finetune_recformer  # noqa: E402
 from common.data import load_dataset  # noqa: E402
-from common.run import Scalars, resolve_device, seed_everything, to_device  # noqa: E402
-from recformer.configuration_recformer import RecformerConfig  # noqa: E402
-from recformer.convert_recformer import load_backbone  # noqa: E402
-from recformer.modeling_recformer import (  # noqa: E402
-    RecformerForSeqRec,
-    RecformerModel,
-    encode_items,
-    set_attention,
-)
-from recformer.tokenization_recformer import (  # noqa: E402
-    ItemTokens,
+from common.recformer_data import (  # noqa: E402
     build_batch,
     dataset_item_tokens,
+    encode_items,
     sequence_token_counts,
     token_budget_chunks,
 )
+from common.run import Scalars, resolve_device, seed_everything, to_device  # noqa: E402
+from recformer.configuration_recformer import RecformerConfig  # noqa: E402
+from recformer.convert_recformer import load_backbone  # noqa: E402
+from recformer.modeling_recformer import RecformerForSeqRec, RecformerModel, set_attention  # noqa: E402
+from recformer.tokenization_recformer import ItemTokens  # noqa: E402
 
 
 @dataclass

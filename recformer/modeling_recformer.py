@@ -8,19 +8,16 @@
     RecformerForSeqRec       .longformer + a fixed item table; cosine(pooled, item) / temp, full or sampled softmax.
     RecformerForPretraining  .longformer + the Longformer LM head; forward(**batch, mlm_labels=None) ->
                              PretrainingOutput(pooled, mlm_logits, mlm_loss).
-    encode_items             the item table (rows, H) from one-item sequences; fine-tuning and export both use it.
 
-The configuration is recformer/configuration_recformer.py; inputs come from recformer/tokenization_recformer.py
-(build_batch); weights from recformer/convert_recformer.py.
+The configuration is recformer/configuration_recformer.py; inputs come from common/recformer_data.py (build_batch);
+weights from recformer/convert_recformer.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.longformer.modeling_longformer import (
@@ -31,10 +28,8 @@ from transformers.models.longformer.modeling_longformer import (
 
 from common.data import PAD
 from common.masking import IGNORE_INDEX
-from common.run import progress, to_device
 from recformer.attention_recformer import check_recformer_masks, run_encoder
 from recformer.configuration_recformer import RecformerConfig
-from recformer.tokenization_recformer import ItemTokens, build_batch
 
 ATTENTIONS = ("fast", "hf")
 
@@ -195,38 +190,3 @@ class RecformerForPretraining(RecformerPreTrainedModel):
         logits = self.lm_head(hidden[labelled])
         loss = F.cross_entropy(logits.float(), mlm_labels[labelled]) if labelled.any() else hidden.sum() * 0.0
         return PretrainingOutput(pooled, mlm_loss=loss)
-
-
-@torch.no_grad()
-def encode_items(
-    encoder: RecformerModel,
-    tokens: ItemTokens,
-    *,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    sharded: bool = False,
-) -> torch.Tensor:
-    """(rows, H) float32 pooled vectors of every row of `tokens` as a one-item sequence; row 0 (padding) zeros.
-
-    Items are batched in order of token count to cut padding; the encoder runs in eval mode, without gradient.
-    sharded: every process of the default process group encodes every world-th of those batches (the same batches
-    as one process, so the same rows) and the table is summed over the ranks, each row coming from one of them.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    was_training = encoder.training
-    encoder.eval()
-    num_rows = len(tokens.offsets) - 1
-    order = np.argsort(tokens.lengths[1:], kind="stable") + 1
-    table = torch.zeros(num_rows, encoder.config.hidden_size, device=device)
-    starts = range(rank * batch_size, len(order), world * batch_size)  # round robin: each rank gets short and long
-    for begin in progress(starts, desc="encode items", leave=False):
-        ids = order[begin : begin + batch_size]
-        batch = to_device(build_batch(tokens, ids[:, None], encoder.config), device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pooled = encoder(**batch)[1]
-        table[torch.from_numpy(ids).to(device)] = pooled.float()
-    encoder.train(was_training)
-    if sharded:
-        dist.all_reduce(table)  # every other rank holds zeros in a row, so the sum is that row exactly
-    return table

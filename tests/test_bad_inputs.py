@@ -62,9 +62,9 @@ def source_files(root: Path, data: Path) -> dict[str, Path]:
 
     from common.data import load_dataset
     from common.embeddings import save_item_embeddings
+    from common.recformer_data import item_texts
     from recformer.convert_recformer import load_backbone, save_checkpoint
     from recformer.modeling_recformer import RecformerModel
-    from recformer.tokenization_recformer import item_texts
 
     paths = {name: root / name for name in ("colliding-users", "recformer-says-bert", "dangling")}
     shutil.copytree(data, paths["colliding-users"])  # "1" and "01" are both user 1

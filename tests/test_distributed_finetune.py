@@ -20,9 +20,9 @@ import export_embeddings
 import finetune_recformer
 from common.data import load_dataset
 from common.distributed import free_port, parse_launched
+from common.recformer_data import build_batch, dataset_item_tokens
 from recformer.convert_recformer import load_backbone
 from recformer.modeling_recformer import RecformerForSeqRec
-from recformer.tokenization_recformer import build_batch, dataset_item_tokens
 
 PYTHON = sys.executable
 SAMPLE_SIZE = 50

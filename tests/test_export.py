@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 import export_embeddings
 import finetune_recformer
 from common.data import load_dataset
+from common.recformer_data import build_batch, dataset_item_tokens
 from recformer.convert_recformer import load_backbone, save_checkpoint
 from recformer.modeling_recformer import RecformerForSeqRec
-from recformer.tokenization_recformer import build_batch, dataset_item_tokens
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,11 @@ from common.cli import FlagError
 from common.data import load_dataset, write_dataset
 from common.embeddings import load_item_embeddings
 from common.evaluation import metric_names
+from common.recformer_data import build_batch, dataset_item_tokens, sequence_token_counts, token_budget_chunks
 from common.run import Scalars
 from prepare_data import Lcrec, build_lcrec
 from recformer.convert_recformer import load_backbone
 from recformer.modeling_recformer import RecformerForSeqRec
-from recformer.tokenization_recformer import (
-    build_batch,
-    dataset_item_tokens,
-    sequence_token_counts,
-    token_budget_chunks,
-)
 
 SAMPLE_SIZE = 50
 STEPS_PER_EPOCH = 38  # ceil(300 users / 8 per step) in the synthetic runs below
