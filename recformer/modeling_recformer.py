@@ -27,11 +27,11 @@ from transformers.models.longformer.modeling_longformer import (
 )
 
 from common.data import PAD
-from common.masking import IGNORE_INDEX
 from recformer.attention_recformer import check_recformer_masks, run_encoder
 from recformer.configuration_recformer import RecformerConfig
 
 ATTENTIONS = ("fast", "hf")
+IGNORE_INDEX = -100  # label of tokens the MLM loss skips (torch's cross_entropy default ignore_index)
 
 
 def roberta_position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
