@@ -7,7 +7,8 @@
                              kind), a runtime choice that checkpoints do not record.
     RecformerForSeqRec       .longformer + a fixed item table; cosine(pooled, item) / temp, full or sampled softmax.
     RecformerForPretraining  .longformer + the Longformer LM head; forward(**batch, mlm_labels=None) ->
-                             PretrainingOutput(pooled, mlm_logits, mlm_loss).
+                             PretrainingOutput(pooled, mlm_logits, mlm_loss); labels equal to IGNORE_INDEX are not
+                             scored.
 
 The configuration is recformer/configuration_recformer.py; inputs come from common/recformer_data.py (build_batch);
 weights from recformer/convert_recformer.py.
