@@ -42,7 +42,6 @@ from typing import Annotated, Literal, get_args
 import torch
 
 from common.cli import Checked, Device, Dtype, OutputFile, Positive, Seed
-from common.convert_recformer import BackboneError, load_backbone, paper_item_table
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.distributed import (
     LaunchError,
@@ -62,7 +61,7 @@ from common.embeddings import (
     save_item_embeddings,
     save_paper_layout,
 )
-from common.modeling_recformer import RecformerModel, encode_items, set_attention
+from common.recformer_data import dataset_item_tokens, encode_items, item_texts
 from common.run import (
     OutputError,
     check_output_file,
@@ -71,7 +70,8 @@ from common.run import (
     resolve_device,
     seed_everything,
 )
-from common.tokenization_recformer import dataset_item_tokens, item_texts
+from recformer.convert_recformer import BackboneError, load_backbone, paper_item_table
+from recformer.modeling_recformer import RecformerModel, set_attention
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Args(Checked):
     seed: Annotated[int, Seed] = 42
     """Seed for the random parts of a converted backbone (new tables, "tiny")."""
     attention: Literal["fast", "hf"] = "fast"
-    """Encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
+    """Encoder attention: "fast" (fused kernels, recformer/attention_recformer.py) or "hf" (Hugging Face's Longformer
     attention, the reference); the same function and weights."""
 
 

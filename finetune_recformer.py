@@ -17,7 +17,7 @@ none) are the input, the item at it the label. Loss: softmax over all items, or 
 Evaluation is the shared code (common/evaluation.py) with the same cached negatives as SASRec and BERT4Rec.
 
 Padding-free batches: an optimizer step's batch_size x grad_accum examples (users in random order, as before) are
-sorted by token count and cut into encoder calls by common.tokenization_recformer.token_budget_chunks; each call's
+sorted by token count and cut into encoder calls by common.recformer_data.token_budget_chunks; each call's
 mean loss is weighted by its share of the step, so the step's gradient is the step's mean loss gradient, as with equal
 micro-batches.
 Evaluation batches are grouped the same way. The item table is encoded only when the weights changed since its last
@@ -63,7 +63,6 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed
-from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.distributed import (
     LaunchError,
@@ -85,7 +84,14 @@ from common.evaluation import (
     result_line,
     sample_negatives,
 )
-from common.modeling_recformer import RecformerForSeqRec, encode_items, set_attention
+from common.recformer_data import (
+    build_batch,
+    dataset_item_tokens,
+    encode_items,
+    item_texts,
+    sequence_token_counts,
+    token_budget_chunks,
+)
 from common.run import (
     EarlyStopping,
     OutputError,
@@ -105,15 +111,9 @@ from common.run import (
     to_device,
     write_json_atomic,
 )
-from common.tokenization_recformer import (
-    ItemTokens,
-    RecformerTokenizer,
-    build_batch,
-    dataset_item_tokens,
-    item_texts,
-    sequence_token_counts,
-    token_budget_chunks,
-)
+from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
+from recformer.modeling_recformer import RecformerForSeqRec, set_attention
+from recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
 
 BEST_METRIC = "NDCG@10"
 RESUME_FILE = "resume.pt"
@@ -173,7 +173,7 @@ class Args(Checked):
     dtype: Dtype = "auto"
     """Autocast precision; "auto" is bfloat16 on CUDA with bf16 support, else float32. float16 uses loss scaling."""
     attention: Literal["fast", "hf"] = "fast"
-    """Encoder attention: "fast" (fused kernels, common/recformer_attention.py) or "hf" (Hugging Face's Longformer
+    """Encoder attention: "fast" (fused kernels, recformer/attention_recformer.py) or "hf" (Hugging Face's Longformer
     attention, the reference); the same function and weights."""
     max_steps: Annotated[int | None, Positive] = None
     """Optimizer steps per stage at most (the LR schedule is sized to it); the stage then validates and saves as

@@ -57,11 +57,11 @@ import finetune_recformer
 import train_bert4rec
 import train_sasrec
 from common.cli import Checked, Device, NonNegative, Positive, Seed, parse
-from common.convert_recformer import MINILM
 from common.data import DatasetError, SeqDataset, load_dataset
 from common.embeddings import STAGE_TABLE_FILE
 from common.evaluation import check_sample_size, protocol
 from common.run import progress, save_atomic, write_json_atomic
+from recformer.convert_recformer import MINILM
 
 TRAINERS = {"sasrec": train_sasrec, "bert4rec": train_bert4rec}
 MODEL_CLASSES = {"sasrec": train_sasrec.SASRec, "bert4rec": train_bert4rec.BERT4Rec}

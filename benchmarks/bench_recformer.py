@@ -3,7 +3,7 @@
 Three encoders on the same token batches, timed back to back in one process (ratios are what count on a shared
 machine):
 
-    fast   RecformerModel with attention "fast" (common/recformer_attention.py), rows padded to the longest only
+    fast   RecformerModel with attention "fast" (recformer/attention_recformer.py), rows padded to the longest only
     hf     RecformerModel with attention "hf" (Hugging Face's Longformer attention, padding to a multiple of the window)
     bert   transformers' BertModel with the same width and depth on the same tokens: dense attention, no Longformer
            machinery, the floor
@@ -39,23 +39,19 @@ from transformers import BertConfig, BertModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import finetune_recformer  # noqa: E402
-from common.convert_recformer import load_backbone  # noqa: E402
 from common.data import load_dataset  # noqa: E402
-from common.modeling_recformer import (  # noqa: E402
-    RecformerConfig,
-    RecformerForSeqRec,
-    RecformerModel,
-    encode_items,
-    set_attention,
-)
-from common.run import Scalars, resolve_device, seed_everything, to_device  # noqa: E402
-from common.tokenization_recformer import (  # noqa: E402
-    ItemTokens,
+from common.recformer_data import (  # noqa: E402
     build_batch,
     dataset_item_tokens,
+    encode_items,
     sequence_token_counts,
     token_budget_chunks,
 )
+from common.run import Scalars, resolve_device, seed_everything, to_device  # noqa: E402
+from recformer.configuration_recformer import RecformerConfig  # noqa: E402
+from recformer.convert_recformer import load_backbone  # noqa: E402
+from recformer.modeling_recformer import RecformerForSeqRec, RecformerModel, set_attention  # noqa: E402
+from recformer.tokenization_recformer import ItemTokens  # noqa: E402
 
 
 @dataclass

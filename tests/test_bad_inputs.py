@@ -23,9 +23,9 @@ from conftest import REPO
 @pytest.fixture(scope="module")
 def inputs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
     """A private copy of the synthetic dataset (120 items) and broken files of every kind, by short name."""
-    from common.modeling_recformer import RecformerConfig
     from common.run import write_json_atomic
     from pretrain_recformer import Args as PretrainArgs
+    from recformer.configuration_recformer import RecformerConfig
 
     root = tmp_path_factory.mktemp("bad_inputs")
     data = root / "data"
@@ -60,11 +60,11 @@ def source_files(root: Path, data: Path) -> dict[str, Path]:
     """Inputs that used to pass and give silently wrong results or tracebacks, by short name."""
     import pickle
 
-    from common.convert_recformer import load_backbone, save_checkpoint
     from common.data import load_dataset
     from common.embeddings import save_item_embeddings
-    from common.modeling_recformer import RecformerModel
-    from common.tokenization_recformer import item_texts
+    from common.recformer_data import item_texts
+    from recformer.convert_recformer import load_backbone, save_checkpoint
+    from recformer.modeling_recformer import RecformerModel
 
     paths = {name: root / name for name in ("colliding-users", "recformer-says-bert", "dangling")}
     shutil.copytree(data, paths["colliding-users"])  # "1" and "01" are both user 1

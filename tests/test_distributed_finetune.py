@@ -18,11 +18,11 @@ from test_finetune import without_dropout
 
 import export_embeddings
 import finetune_recformer
-from common.convert_recformer import load_backbone
 from common.data import load_dataset
 from common.distributed import free_port, parse_launched
-from common.modeling_recformer import RecformerForSeqRec
-from common.tokenization_recformer import build_batch, dataset_item_tokens
+from common.recformer_data import build_batch, dataset_item_tokens
+from recformer.convert_recformer import load_backbone
+from recformer.modeling_recformer import RecformerForSeqRec
 
 PYTHON = sys.executable
 SAMPLE_SIZE = 50

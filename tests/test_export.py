@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 import export_embeddings
 import finetune_recformer
-from common.convert_recformer import load_backbone, save_checkpoint
 from common.data import load_dataset
-from common.modeling_recformer import RecformerForSeqRec
-from common.tokenization_recformer import build_batch, dataset_item_tokens
+from common.recformer_data import build_batch, dataset_item_tokens
+from recformer.convert_recformer import load_backbone, save_checkpoint
+from recformer.modeling_recformer import RecformerForSeqRec
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from safetensors.torch import load_file
 
 import finetune_recformer
 from common.cli import FlagError
-from common.convert_recformer import load_backbone
 from common.data import load_dataset, write_dataset
 from common.embeddings import load_item_embeddings
 from common.evaluation import metric_names
-from common.modeling_recformer import RecformerForSeqRec
+from common.recformer_data import build_batch, dataset_item_tokens, sequence_token_counts, token_budget_chunks
 from common.run import Scalars
-from common.tokenization_recformer import build_batch, dataset_item_tokens, sequence_token_counts, token_budget_chunks
 from prepare_data import Lcrec, build_lcrec
+from recformer.convert_recformer import load_backbone
+from recformer.modeling_recformer import RecformerForSeqRec
 
 SAMPLE_SIZE = 50
 STEPS_PER_EPOCH = 38  # ceil(300 users / 8 per step) in the synthetic runs below

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.masking import IGNORE_INDEX, whole_word_mask
+from pretrain_recformer import whole_word_mask
+from recformer.modeling_recformer import IGNORE_INDEX
 
 TEXTS = [
     "Spectrophotometer cuvettes, 4.5 mL, pack of 100",

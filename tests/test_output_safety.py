@@ -18,9 +18,10 @@ import train_sasrec
 from common.data import DatasetError, load_dataset, write_dataset
 from common.embeddings import save_item_embeddings
 from common.evaluation import sample_negatives
+from common.recformer_data import dataset_item_tokens
 from common.run import OutputError, create_run_dir, recover, save_atomic
-from common.tokenization_recformer import RecformerTokenizer, dataset_item_tokens
 from prepare_data import Recformer, Synthetic, run
+from recformer.tokenization_recformer import RecformerTokenizer
 
 KILLED = 137
 

@@ -14,7 +14,6 @@ from torch import nn
 
 import export_embeddings
 import train_sasrec
-from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import DatasetError, load_dataset, write_dataset
 from common.embeddings import (
     EmbeddingFileError,
@@ -22,8 +21,9 @@ from common.embeddings import (
     save_item_embeddings,
 )
 from common.evaluation import evaluate, result_line
-from common.modeling_recformer import RecformerForSeqRec, RecformerModel
 from prepare_data import Paper, Recformer, run
+from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
+from recformer.modeling_recformer import RecformerForSeqRec, RecformerModel
 
 # The paper's dataset.pkl (SASRec/main.py, Bert4Rec/datasets/dataset.py): 1-based uids and sids, leave-one-out,
 # smap {original item id: sid}. Item "J" (sid 10) is in the catalogue but in no sequence.

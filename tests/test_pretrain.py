@@ -412,7 +412,7 @@ def test_resume_refuses_settings_that_make_another_run(tmp_path):
     (tmp_path / "deepspeed").mkdir()
     started = P.Args(data=tmp_path / "corpus", out=tmp_path, max_steps=9)
     write_json_atomic(tmp_path / "config.json", started)
-    with pytest.raises(P.OutputError, match=r"config.json: --resume with other settings .*\(--lr, --seed\)"):
+    with pytest.raises(OutputError, match=r"config.json: --resume with other settings .*\(--lr, --seed\)"):
         P.main(dataclasses.replace(started, resume=True, max_steps=0, lr=1.0, seed=7))
     with pytest.raises(P.InputError, match="no intact checkpoint"):  # bounds and logs may change: the check passes
         P.main(dataclasses.replace(started, resume=True, max_steps=0, save_every=3, tensorboard=False))

@@ -1,11 +1,12 @@
-"""The fast Recformer attention (common/recformer_attention.py) against Hugging Face's Longformer attention."""
+"""The fast Recformer attention (recformer/attention_recformer.py) against Hugging Face's Longformer attention."""
 
 import pytest
 import torch
 
-from common.modeling_recformer import RecformerConfig, RecformerForSeqRec, RecformerModel, set_attention
-from common import recformer_attention
-from common.recformer_attention import KERNELS, run_encoder
+from recformer import attention_recformer
+from recformer.attention_recformer import KERNELS, run_encoder
+from recformer.configuration_recformer import RecformerConfig
+from recformer.modeling_recformer import RecformerForSeqRec, RecformerModel, set_attention
 
 WIDTH = 16
 
@@ -62,7 +63,7 @@ def test_fast_equals_hf_in_float32(kernel, window):
 
 def test_zero3_global_row_equals_hf(monkeypatch):
     """Under DeepSpeed ZeRO-3 the global row projects every token (its weights exist only inside forward)."""
-    monkeypatch.setattr(recformer_attention, "fetched_in_forward", lambda linear: True)
+    monkeypatch.setattr(attention_recformer, "fetched_in_forward", lambda linear: True)
     compare_in_float32("dense", 8)
 
 

@@ -1,4 +1,4 @@
-"""Recformer model, item/sequence tokenizer and backbone conversions (common/*_recformer.py)."""
+"""Recformer model, item/sequence tokenizer and backbone conversions (recformer/)."""
 
 import sys
 
@@ -9,17 +9,17 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LongformerConfig, LongformerForMaskedLM, PreTrainedTokenizerFast
 
-from common.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from common.data import load_dataset, write_dataset
-from common.modeling_recformer import (
-    RecformerConfig,
+from common.recformer_data import build_batch, dataset_item_tokens, encode_items
+from recformer.configuration_recformer import RecformerConfig
+from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
+from recformer.modeling_recformer import (
     RecformerForPretraining,
     RecformerForSeqRec,
     RecformerModel,
-    encode_items,
     roberta_position_ids,
 )
-from common.tokenization_recformer import ItemTokens, RecformerTokenizer, build_batch, dataset_item_tokens
+from recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "title", "brand", "red", "lamp", "acme", "##s", "blue", "cup"]
 ID = {token: i for i, token in enumerate(VOCAB)}

@@ -31,9 +31,10 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from common.modeling_recformer import RecformerConfig, RecformerModel
 from common.run import load_torch_file, save_atomic
-from common.tokenization_recformer import RecformerTokenizer
+from recformer.configuration_recformer import RecformerConfig
+from recformer.modeling_recformer import RecformerModel
+from recformer.tokenization_recformer import RecformerTokenizer
 
 hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with the training bars
 

@@ -1,30 +1,26 @@
 """Recformer's model: a Longformer whose embeddings know item positions and attribute token types.
 
-    RecformerConfig          LongformerConfig + Recformer's fields (window 64, 4 token types, 1024 tokens, 51 item
-                             positions, 3 attributes of 32 tokens, cls pooling, temperature 0.05, MLM weight 0.1).
     RecformerModel           embeddings (word + RoBERTa-style position + token type + item position) and the
                              `transformers` Longformer encoder; forward(**batch) -> (hidden (B, T, H), pooled (B, H)),
-                             pooled = the first token. Its attention is computed by common/recformer_attention.py
+                             pooled = the first token. Its attention is computed by recformer/attention_recformer.py
                              ("fast", the default) or by `transformers` ("hf", the reference): set_attention(model,
                              kind), a runtime choice that checkpoints do not record.
     RecformerForSeqRec       .longformer + a fixed item table; cosine(pooled, item) / temp, full or sampled softmax.
     RecformerForPretraining  .longformer + the Longformer LM head; forward(**batch, mlm_labels=None) ->
-                             PretrainingOutput(pooled, mlm_logits, mlm_loss).
-    encode_items             the item table (rows, H) from one-item sequences; fine-tuning and export both use it.
+                             PretrainingOutput(pooled, mlm_logits, mlm_loss); labels equal to IGNORE_INDEX are not
+                             scored.
 
-Inputs come from common/tokenization_recformer.py (build_batch); weights from common/convert_recformer.py.
+The configuration is recformer/configuration_recformer.py; inputs come from common/recformer_data.py (build_batch);
+weights from recformer/convert_recformer.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, LongformerConfig
 from transformers.models.longformer.modeling_longformer import (
     LongformerEncoder,
     LongformerLMHead,
@@ -32,52 +28,11 @@ from transformers.models.longformer.modeling_longformer import (
 )
 
 from common.data import PAD
-from common.masking import IGNORE_INDEX
-from common.recformer_attention import check_recformer_masks, run_encoder
-from common.run import progress, to_device
-from common.tokenization_recformer import ItemTokens, build_batch
+from recformer.attention_recformer import check_recformer_masks, run_encoder
+from recformer.configuration_recformer import RecformerConfig
 
 ATTENTIONS = ("fast", "hf")
-
-
-class RecformerConfig(LongformerConfig):
-    model_type = "recformer"
-
-    def __init__(
-        self,
-        attention_window: int | list[int] = 64,
-        token_type_size: int = 4,
-        max_token_num: int = 1024,
-        max_item_embeddings: int = 51,
-        max_attr_num: int = 3,
-        max_attr_length: int = 32,
-        pooler_type: str = "cls",
-        temp: float = 0.05,
-        mlm_weight: float = 0.1,
-        **kwargs,
-    ):
-        kwargs.setdefault("tie_word_embeddings", False)
-        super().__init__(attention_window=attention_window, **kwargs)
-        if isinstance(self.attention_window, int):
-            self.attention_window = [self.attention_window] * self.num_hidden_layers
-        self.token_type_size = token_type_size
-        self.max_token_num = max_token_num
-        self.max_item_embeddings = max_item_embeddings
-        self.max_attr_num = max_attr_num
-        self.max_attr_length = max_attr_length
-        self.pooler_type = pooler_type
-        self.temp = temp
-        self.mlm_weight = mlm_weight
-
-    @property
-    def window(self) -> int:
-        """The largest layer window: the Hugging Face attention pads sequences to a multiple of it (for its chunks)."""
-        return max(self.attention_window)
-
-
-
-
-AutoConfig.register(RecformerConfig.model_type, RecformerConfig)  # lets AutoTokenizer read our checkpoint dirs
+IGNORE_INDEX = -100  # label of tokens the MLM loss skips (torch's cross_entropy default ignore_index)
 
 
 def roberta_position_ids(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -236,38 +191,3 @@ class RecformerForPretraining(RecformerPreTrainedModel):
         logits = self.lm_head(hidden[labelled])
         loss = F.cross_entropy(logits.float(), mlm_labels[labelled]) if labelled.any() else hidden.sum() * 0.0
         return PretrainingOutput(pooled, mlm_loss=loss)
-
-
-@torch.no_grad()
-def encode_items(
-    encoder: RecformerModel,
-    tokens: ItemTokens,
-    *,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    sharded: bool = False,
-) -> torch.Tensor:
-    """(rows, H) float32 pooled vectors of every row of `tokens` as a one-item sequence; row 0 (padding) zeros.
-
-    Items are batched in order of token count to cut padding; the encoder runs in eval mode, without gradient.
-    sharded: every process of the default process group encodes every world-th of those batches (the same batches
-    as one process, so the same rows) and the table is summed over the ranks, each row coming from one of them.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    was_training = encoder.training
-    encoder.eval()
-    num_rows = len(tokens.offsets) - 1
-    order = np.argsort(tokens.lengths[1:], kind="stable") + 1
-    table = torch.zeros(num_rows, encoder.config.hidden_size, device=device)
-    starts = range(rank * batch_size, len(order), world * batch_size)  # round robin: each rank gets short and long
-    for begin in progress(starts, desc="encode items", leave=False):
-        ids = order[begin : begin + batch_size]
-        batch = to_device(build_batch(tokens, ids[:, None], encoder.config), device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            pooled = encoder(**batch)[1]
-        table[torch.from_numpy(ids).to(device)] = pooled.float()
-    encoder.train(was_training)
-    if sharded:
-        dist.all_reduce(table)  # every other rank holds zeros in a row, so the sum is that row exactly
-    return table

@@ -1,13 +1,15 @@
-"""Recformer's inputs: items tokenized once as flat arrays, and batches built from item-id histories.
+"""Recformer's inputs from a dataset: item tokens cached once, batches built from item-id histories, the item table.
 
-    ItemTokens               every item tokenized once: flat `input_ids`, `token_types` (1 name / 2 value),
-                             `word_starts` (from the fast tokenizer's word ids), per-item `offsets`.
-    RecformerTokenizer       wraps any Hugging Face fast tokenizer; .tokenize_items(list of attribute dicts).
-    cached_item_tokens       tokenize_items once per tokenizer, config and text, cached as .npz (a pre-training
-                             corpus); dataset_item_tokens: the same for a SeqDataset in <dataset>/recformer_tokens/.
+    cached_item_tokens       RecformerTokenizer.tokenize_items once per tokenizer, config and text, cached as .npz (a
+                             pre-training corpus); dataset_item_tokens: the same for a SeqDataset in
+                             <dataset>/recformer_tokens/; item_texts: its item text, or a one-line DatasetError.
     build_batch              left-padded item-id histories (B, L) -> model tensors by numpy ops (items newest first).
     sequence_token_counts    tokens of each row build_batch would make; token_budget_chunks groups rows of similar
                              token count into encoder calls (padding-free batches).
+    encode_items             the item table (rows, H) from one-item sequences; fine-tuning and export both use it.
+
+Pre-training, fine-tuning, export and benchmarks/bench_recformer.py read them; the tokenizer and the model they feed
+are in recformer/.
 """
 
 from __future__ import annotations
@@ -16,146 +18,44 @@ import hashlib
 import json
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerFast
+import torch.distributed as dist
 
 from common.data import PAD, DatasetError, SeqDataset
-from common.run import progress, save_atomic
-
-if TYPE_CHECKING:
-    from common.modeling_recformer import RecformerConfig
-
-NAME_TYPE, VALUE_TYPE, LEADING_TYPE, PADDING_TYPE = 1, 2, 0, 3
+from common.run import progress, save_atomic, to_device
+from recformer.configuration_recformer import RecformerConfig
+from recformer.modeling_recformer import RecformerModel
+from recformer.tokenization_recformer import LEADING_TYPE, PADDING_TYPE, ItemTokens, RecformerTokenizer, concat_ranges
 
 
-@dataclass
-class ItemTokens:
-    input_ids: np.ndarray
-    """(N,) int64 token ids of every item, concatenated in item order."""
-    token_types: np.ndarray
-    """(N,) int64: 1 for attribute-name tokens, 2 for attribute-value tokens."""
-    word_starts: np.ndarray
-    """(N,) bool: the token begins a word (of its attribute name or value), for whole-word masking."""
-    offsets: np.ndarray
-    """(num_rows + 1,) int64: the tokens of row i are [offsets[i], offsets[i + 1])."""
+def _save_item_tokens(tokens: ItemTokens, path: Path) -> None:
+    """`tokens` as an .npz file at `path` (ids as int32, types as int8), written atomically."""
+    arrays = {
+        "input_ids": tokens.input_ids.astype(np.int32),
+        "token_types": tokens.token_types.astype(np.int8),
+        "word_starts": tokens.word_starts,
+        "offsets": tokens.offsets,
+    }
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
-    def save(self, path: Path) -> None:
-        arrays = {
-            "input_ids": self.input_ids.astype(np.int32),
-            "token_types": self.token_types.astype(np.int8),
-            "word_starts": self.word_starts,
-            "offsets": self.offsets,
-        }
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        save_atomic(path, write)
-
-    @classmethod
-    def load(cls, path: Path) -> ItemTokens:
-        with np.load(path) as f:
-            return cls(
-                f["input_ids"].astype(np.int64),
-                f["token_types"].astype(np.int64),
-                f["word_starts"].astype(bool),
-                f["offsets"].astype(np.int64),
-            )
+    save_atomic(path, write)
 
 
-def _flatten(lists: list[list[int]]) -> np.ndarray:
-    return np.fromiter((x for sub in lists for x in sub), dtype=np.int64, count=sum(map(len, lists)))
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n)."""
-    ends = np.cumsum(lengths)
-    return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
-
-
-class RecformerTokenizer:
-    """Item-aware tokenizer over a Hugging Face fast tokenizer (byte-level BPE or WordPiece alike).
-
-    An item is its first `max_attr_num` attributes; each attribute is tokens(name) + tokens(value), cut to
-    `max_attr_length` tokens, typed 1 (name) and 2 (value). No special tokens inside items. The tokenizer must be a
-    fast (Rust) one: whole-word masking reads its word ids.
-    """
-
-    def __init__(self, hf_tokenizer: PreTrainedTokenizerFast, config: RecformerConfig):
-        self.hf = hf_tokenizer
-        self.config = config
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.hf.mask_token_id
-
-    def fingerprint(self) -> str:
-        """Hash of the tokenizer and of the config fields that shape item tokens."""
-        fields = (self.config.max_attr_num, self.config.max_attr_length)
-        digest = hashlib.sha256(self.hf.backend_tokenizer.to_str().encode("utf-8") + repr(fields).encode())
-        return digest.hexdigest()[:16]
-
-    def _encode_strings(self, strings: list[str], chunk: int = 20000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(flat ids, flat word-start flags, (len(strings) + 1,) offsets) of each string tokenized alone."""
-        ids, starts, lengths = [], [], []
-        for begin in progress(range(0, len(strings), chunk), desc="tokenize", leave=False):
-            encoded = self.hf(strings[begin : begin + chunk], add_special_tokens=False, return_attention_mask=False)
-            words = [encoding.word_ids for encoding in encoded.encodings]
-            lengths.append(np.fromiter(map(len, words), dtype=np.int64, count=len(words)))
-            word = _flatten([[-1 if w is None else w for w in ws] for ws in words])
-            first = np.zeros(len(word), dtype=bool)
-            first[np.cumsum(lengths[-1])[:-1]] = True
-            previous = np.concatenate([[-2], word[:-1]])
-            ids.append(_flatten(encoded["input_ids"]))
-            starts.append(first | (word != previous))
-        lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        empty = np.zeros(0, dtype=np.int64)
-        return (
-            np.concatenate(ids) if ids else empty,
-            np.concatenate(starts) if starts else empty.astype(bool),
-            offsets,
-        )
-
-    def tokenize_items(self, texts: Sequence[Mapping[str, str]]) -> ItemTokens:
-        """ItemTokens with one row per entry of `texts` (a dict of attributes in order; {} gives an empty item)."""
-        strings: dict[str, int] = {}
-        segments = []  # (row, name string, value string) of each kept attribute, in output order
-        for row, attributes in enumerate(texts):
-            for name, value in list(attributes.items())[: self.config.max_attr_num]:
-                name_id = strings.setdefault(str(name), len(strings))
-                value_id = strings.setdefault(str(value), len(strings))
-                segments.append((row, name_id, value_id))
-        ids, starts, string_offsets = self._encode_strings(list(strings))
-        string_lengths = np.diff(string_offsets)
-        seg = np.array(segments, dtype=np.int64).reshape(-1, 3)
-        name_len = np.minimum(string_lengths[seg[:, 1]], self.config.max_attr_length)
-        value_len = np.minimum(string_lengths[seg[:, 2]], self.config.max_attr_length - name_len)
-        # Interleave name and value pieces: piece 2k is attribute k's name, 2k + 1 its value.
-        piece_string = seg[:, 1:].reshape(-1)
-        piece_len = np.stack([name_len, value_len], axis=1).reshape(-1)
-        source = _ranges(string_offsets[piece_string], piece_len)
-        types = np.repeat(np.tile([NAME_TYPE, VALUE_TYPE], len(seg)), piece_len)
-        row_lengths = np.bincount(seg[:, 0], weights=name_len + value_len, minlength=len(texts)).astype(np.int64)
+def _load_item_tokens(path: Path) -> ItemTokens:
+    """The ItemTokens _save_item_tokens wrote at `path`."""
+    with np.load(path) as f:
         return ItemTokens(
-            input_ids=ids[source],
-            token_types=types.astype(np.int64),
-            word_starts=starts[source],
-            offsets=np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64),
+            f["input_ids"].astype(np.int64),
+            f["token_types"].astype(np.int64),
+            f["word_starts"].astype(bool),
+            f["offsets"].astype(np.int64),
         )
-
-    def save_pretrained(self, directory: Path) -> None:
-        self.hf.save_pretrained(str(directory))
 
 
 def text_fingerprint(texts: Sequence[Mapping[str, str]]) -> str:
@@ -176,14 +76,14 @@ def cached_item_tokens(
     tokens = _read_item_tokens(path, len(texts))
     if tokens is None:
         tokens = tokenizer.tokenize_items(texts)
-        tokens.save(path)
+        _save_item_tokens(tokens, path)
     return tokens
 
 
 def _read_item_tokens(path: Path, rows: int) -> ItemTokens | None:
     """The cached tokens at `path` when the file is readable and holds `rows` consistent rows, else None."""
     try:
-        tokens = ItemTokens.load(path)
+        tokens = _load_item_tokens(path)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):  # missing, truncated, not an .npz
         return None
     sizes = {len(tokens.input_ids), len(tokens.token_types), len(tokens.word_starts)}
@@ -224,8 +124,8 @@ def build_batch(
     rank = np.arange(len(rows)) - first_of_row[rows]  # 0 for the newest item of its row
     before = np.cumsum(lengths) - lengths  # tokens of all earlier items in the flat list
     start = 1 + before - before[first_of_row[rows]]  # column of each item's first token in its row
-    source = _ranges(tokens.offsets[items], lengths)
-    column = _ranges(start, lengths)
+    source = concat_ranges(tokens.offsets[items], lengths)
+    column = concat_ranges(start, lengths)
     token_item = np.repeat(np.arange(len(rows)), lengths)
     keep = column < config.max_token_num
     source, token_item, column = source[keep], token_item[keep], column[keep]
@@ -285,3 +185,38 @@ def token_budget_chunks(lengths: np.ndarray, budget: int, call_tokens: int) -> l
         cuts.append(order[start[end] : end])
         end = start[end]
     return cuts[::-1]
+
+
+@torch.no_grad()
+def encode_items(
+    encoder: RecformerModel,
+    tokens: ItemTokens,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    sharded: bool = False,
+) -> torch.Tensor:
+    """(rows, H) float32 pooled vectors of every row of `tokens` as a one-item sequence; row 0 (padding) zeros.
+
+    Items are batched in order of token count to cut padding; the encoder runs in eval mode, without gradient.
+    sharded: every process of the default process group encodes every world-th of those batches (the same batches
+    as one process, so the same rows) and the table is summed over the ranks, each row coming from one of them.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    was_training = encoder.training
+    encoder.eval()
+    num_rows = len(tokens.offsets) - 1
+    order = np.argsort(tokens.lengths[1:], kind="stable") + 1
+    table = torch.zeros(num_rows, encoder.config.hidden_size, device=device)
+    starts = range(rank * batch_size, len(order), world * batch_size)  # round robin: each rank gets short and long
+    for begin in progress(starts, desc="encode items", leave=False):
+        ids = order[begin : begin + batch_size]
+        batch = to_device(build_batch(tokens, ids[:, None], encoder.config), device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            pooled = encoder(**batch)[1]
+        table[torch.from_numpy(ids).to(device)] = pooled.float()
+    encoder.train(was_training)
+    if sharded:
+        dist.all_reduce(table)  # every other rank holds zeros in a row, so the sum is that row exactly
+    return table

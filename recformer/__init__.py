@@ -1,0 +1,1 @@
+"""Recformer's model family in Hugging Face's layout: configuration, attention, modeling, tokenization, conversion."""
