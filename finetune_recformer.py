@@ -197,7 +197,7 @@ class Args(Checked):
 
 
 @dataclass
-class Run:
+class FineTuning:
     """What the functions below share within one run (no behaviour): the model and its item tokens, where and in
     which precision it runs, this process's place, and the state that changes as it trains.
 
@@ -241,7 +241,7 @@ class Run:
 def prepare(
     args: Args, data: SeqDataset, model: RecformerForSeqRec, tokenizer: RecformerTokenizer,
     device: torch.device | None = None, rank: int = 0, world: int = 1,
-) -> Run:  # fmt: skip
+) -> FineTuning:  # fmt: skip
     """The run's state, the model moved to `device`. With world > 1 (a process group is set up) training goes
     through DistributedDataParallel, which copies rank 0's weights to every process and averages the gradients, so
     the processes keep equal weights."""
@@ -254,7 +254,7 @@ def prepare(
     trained = model
     if world > 1:
         trained = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
-    run = Run(
+    run = FineTuning(
         args=args, data=data, model=model, tokenizer=tokenizer, tokens=dataset_item_tokens(tokenizer, data),
         device=device, dtype=dtype, rank=rank, world=world, trained=trained, rng=np.random.default_rng(args.seed),
         val_users=validation_subset(data, args.val_users, args.seed),
@@ -280,7 +280,7 @@ def optimizer_and_schedule(model: torch.nn.Module, args: Args, total_steps: int)
     return optimizer, get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps)
 
 
-def stage_steps(run: Run) -> int:
+def stage_steps(run: FineTuning) -> int:
     """Optimizer steps of a stage that runs every epoch: the size of its learning-rate schedule."""
     examples = int((run.data.train_len > 0).sum())
     total = -(-examples // run.examples_per_step) * run.args.epochs
@@ -299,7 +299,7 @@ def table_fingerprint(table: torch.Tensor) -> str:
     return hashlib.sha256(table.detach().cpu().numpy().tobytes()).hexdigest()[:12]
 
 
-def refresh_item_table(run: Run) -> None:
+def refresh_item_table(run: FineTuning) -> None:
     """Encode the item table with the current encoder, unless it already was since the weights last changed."""
     if run.table_version == run.weights_version:
         return
@@ -315,20 +315,20 @@ def refresh_item_table(run: Run) -> None:
           f"items/s on {run.world} process(es)")  # fmt: skip
 
 
-def length_groups(run: Run, histories: np.ndarray) -> list[np.ndarray]:
+def length_groups(run: FineTuning, histories: np.ndarray) -> list[np.ndarray]:
     """Row indices of `histories` grouped by token length (see CALL_TOKENS), each group one encoder call."""
     lengths = sequence_token_counts(run.tokens, histories, run.model.config)
     return token_budget_chunks(lengths, run.token_budget, CALL_TOKENS)
 
 
-def encoder_call(run: Run, histories: np.ndarray, model: torch.nn.Module | None = None) -> torch.Tensor:
+def encoder_call(run: FineTuning, histories: np.ndarray, model: torch.nn.Module | None = None) -> torch.Tensor:
     """Pooled sequence vectors (B, H) of histories (B, L), one encoder call through `model` (default run.model)."""
     batch = to_device(build_batch(run.tokens, histories, run.model.config), run.device)
     with autocast(run.device, run.args.dtype):
         return (model or run.model)(**batch)
 
 
-def sequence_vectors(run: Run, histories: np.ndarray) -> torch.Tensor:
+def sequence_vectors(run: FineTuning, histories: np.ndarray) -> torch.Tensor:
     """Pooled sequence vectors (B, H) of histories (B, L), encoded in groups of similar token length."""
     groups = length_groups(run, histories)
     vectors = torch.cat([encoder_call(run, histories[rows]) for rows in groups])
@@ -344,7 +344,7 @@ def loss_over_processes(loss_sum: torch.Tensor, examples: int, world: int) -> tu
 
 
 def train_epoch(
-    run: Run, optimizer, schedule, *, stage: int, epoch: int, first_step: int, max_steps: int, scalars: Scalars
+    run: FineTuning, optimizer, schedule, *, stage: int, epoch: int, first_step: int, max_steps: int, scalars: Scalars
 ) -> tuple[float, int, int]:
     """One pass over the users, at most max_steps optimizer steps; returns (mean loss per example, steps,
     examples), all over every process. At every multiple of --log-every of the stage's steps (first_step before this
@@ -401,7 +401,7 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate_split(run: Run, split: str, sample_size: int | None = None) -> dict[str, float]:
+def evaluate_split(run: FineTuning, split: str, sample_size: int | None = None) -> dict[str, float]:
     """Metrics of `split` ("val": the --val-users subset; "test": every user) against the model's current item
     table (common/evaluation.py), under --sample-size or the `sample_size` given."""
     run.model.eval()
@@ -416,7 +416,7 @@ def evaluate_split(run: Run, split: str, sample_size: int | None = None) -> dict
     )  # fmt: skip
 
 
-def save_stage(run: Run, directory: Path) -> None:
+def save_stage(run: FineTuning, directory: Path) -> None:
     """Checkpoint directory plus the item table the stage's validation used (rank 0 writes it)."""
     if run.rank != 0:
         return
@@ -427,7 +427,7 @@ def save_stage(run: Run, directory: Path) -> None:
     )  # fmt: skip
 
 
-def load_stage(run: Run, directory: Path) -> None:
+def load_stage(run: FineTuning, directory: Path) -> None:
     """Weights and item table of a directory written by save_stage()."""
     if run.world > 1:
         dist.barrier()  # rank 0 has finished writing it
@@ -437,14 +437,14 @@ def load_stage(run: Run, directory: Path) -> None:
     run.table_version = None  # the saved table was encoded at the start of that epoch, by older weights
 
 
-def log_record(run: Run, run_dir: Path, record: dict) -> None:
+def log_record(run: FineTuning, run_dir: Path, record: dict) -> None:
     """One metrics.jsonl line (rank 0 writes it)."""
     if run.rank == 0:
         append_jsonl(run_dir / "metrics.jsonl", record)
 
 
 def save_resume_point(
-    run: Run, run_dir: Path, point: dict, optimizer, schedule, stopper: EarlyStopping, best: dict[int, float]
+    run: FineTuning, run_dir: Path, point: dict, optimizer, schedule, stopper: EarlyStopping, best: dict[int, float]
 ) -> None:
     """<out>/resume.pt after every epoch: all that the next epoch depends on, so --resume goes on exactly as the
     uninterrupted run would. `point` is {"stage", "epoch", "steps", "finished"} (finished: the stage is over).
@@ -471,7 +471,7 @@ def save_resume_point(
     save_atomic(run_dir / RESUME_FILE, lambda tmp: torch.save(state, tmp))
 
 
-def read_resume_point(run: Run, run_dir: Path) -> dict | None:
+def read_resume_point(run: FineTuning, run_dir: Path) -> dict | None:
     """The state save_resume_point left in `run_dir`, with metrics.jsonl cut back to the lines it knows; None when
     no epoch had finished (the run then starts over)."""
     path = run_dir / RESUME_FILE
@@ -490,7 +490,7 @@ def read_resume_point(run: Run, run_dir: Path) -> dict | None:
     return state
 
 
-def restore_resume_point(run: Run, state: dict, optimizer, schedule, stopper: EarlyStopping) -> None:
+def restore_resume_point(run: FineTuning, state: dict, optimizer, schedule, stopper: EarlyStopping) -> None:
     """Put the run back where save_resume_point left it (the item table is re-encoded where stage 1 would)."""
     run.model.load_state_dict(state["model"])
     run.model.set_item_table(state["item_table"])
@@ -526,7 +526,7 @@ def check_resume(args: Args) -> None:
     check_same_run(args.out, args, RESUME_MAY_CHANGE)
 
 
-def start(args: Args) -> Run:
+def start(args: Args) -> FineTuning:
     """Flags, data, process group (when launched on many processes), model: a one-line error for bad input."""
     try:
         if args.resume:
@@ -551,7 +551,7 @@ def start(args: Args) -> Run:
         raise SystemExit(f"error: {error}") from None
 
 
-def main(args: Args) -> Run:
+def main(args: Args) -> FineTuning:
     """Fine-tune (or, with --epochs 0, evaluate zero-shot); returns the run's state (tests compare the processes).
 
     TensorBoard x axis: optimizer steps within the stage. The untrained validation is step 0 of "stage1/val/*"

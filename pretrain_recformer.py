@@ -530,7 +530,7 @@ def shared_run_dir(args: Args) -> Path:
 
 
 @dataclass
-class Run:
+class PretrainingSetup:
     """Everything the training loop reads, fixed once set up."""
 
     args: Args
@@ -552,7 +552,7 @@ class Run:
         return self.args.batch_size * self.world
 
 
-def micro_batch_inputs(run: Run, micro: int, plan: tuple[np.ndarray, np.ndarray]) -> tuple[dict, ...]:
+def micro_batch_inputs(run: PretrainingSetup, micro: int, plan: tuple[np.ndarray, np.ndarray]) -> tuple[dict, ...]:
     """(clean a, clean b, masked a, masked b) model tensors of this rank's slice of global micro-batch `micro`."""
     args = run.args
     order, draws = plan
@@ -569,7 +569,7 @@ def micro_batch_inputs(run: Run, micro: int, plan: tuple[np.ndarray, np.ndarray]
 
 
 @torch.no_grad()
-def evaluate(run: Run, engine) -> dict:
+def evaluate(run: PretrainingSetup, engine) -> dict:
     """Contrastive loss and accuracy on dev.json, in global batches like training (fixed pairs, no masking)."""
     engine.eval()
     draws = np.random.default_rng([run.args.seed, DEV_STREAM]).random(len(run.corpus.dev))
@@ -599,7 +599,7 @@ TENSORBOARD_TAGS = {"loss": "train/loss", "contrastive_loss": "train/contrastive
                     "dev_accuracy": "dev/accuracy", "dev_loss": "dev/loss"}  # fmt: skip
 
 
-def record_metrics(run: Run, step: int, metrics: dict) -> None:
+def record_metrics(run: PretrainingSetup, step: int, metrics: dict) -> None:
     """Rank 0: one metrics.jsonl line, and the same values as TensorBoard points at x = optimizer step."""
     if run.rank == 0:
         append_jsonl(run.out / "metrics.jsonl", {"step": step, **metrics})
@@ -607,7 +607,9 @@ def record_metrics(run: Run, step: int, metrics: dict) -> None:
                                  if name in TENSORBOARD_TAGS})  # fmt: skip
 
 
-def log_training(run: Run, engine, step: int, micro_step: int, since_log: torch.Tensor, seconds: float) -> None:
+def log_training(
+    run: PretrainingSetup, engine, step: int, micro_step: int, since_log: torch.Tensor, seconds: float
+) -> None:
     """Record the training metrics of the steps since the last log; `since_log` is summed over ranks here."""
     dist.all_reduce(since_log)
     # The contrastive terms are the same on every rank; mlm (side a + side b, as in the loss) is averaged over ranks.
@@ -624,46 +626,6 @@ def log_training(run: Run, engine, step: int, micro_step: int, since_log: torch.
     if run.rank == 0 and not sys.stderr.isatty():  # no progress bar is drawn into a file or pipe: a line instead
         print(f"step {step}/{run.stop_step}: loss {metrics['loss']:.4f}, train accuracy {metrics['train_accuracy']:.4f}"
               f", lr {metrics['lr']:.2e}, {metrics['tokens_per_s']:.0f} tokens/s", flush=True)
-
-
-def train(run: Run, engine, state: dict) -> None:
-    """Optimizer steps from where `state` stands to run.stop_step: log, evaluate, keep the best, checkpoint."""
-    args = run.args
-    # sums since the last log: contrastive, mlm, correct pairs, micro-batches, tokens; on the device, so no
-    # micro-batch waits for a host read and the all-reduce in log_training works under NCCL too
-    since_log = torch.zeros(5, dtype=torch.float64, device=run.device)
-    planned_epoch, plan = -1, None
-    began = time.perf_counter()
-    first_step = state["micro_step"] // args.grad_accum + 1
-    for step in progress(range(first_step, run.stop_step + 1), desc="pretrain", initial=first_step - 1,
-                         total=run.stop_step):  # fmt: skip
-        for _ in range(args.grad_accum):
-            micro = state["micro_step"]
-            epoch = micro // run.micro_per_epoch
-            if epoch != planned_epoch:
-                plan, planned_epoch = epoch_plan(args.seed, epoch, len(run.corpus.train)), epoch
-            inputs = micro_batch_inputs(run, micro, plan)
-            torch.manual_seed(step_seed(args.seed, run.rank, micro))  # dropout
-            since_log[:3] += train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
-            since_log[3] += 1
-            since_log[4] += sum(side["attention_mask"].sum() for side in inputs)
-            state["micro_step"] += 1
-        if step % args.log_every == 0 or step == run.stop_step:
-            log_training(run, engine, step, state["micro_step"], since_log, time.perf_counter() - began)
-            since_log.zero_()
-            began = time.perf_counter()
-        if step % args.eval_every == 0 or step == run.stop_step:
-            scores = evaluate(run, engine)
-            record_metrics(run, step, scores)
-            if run.rank == 0:
-                print(f"step {step}: dev accuracy {scores['dev_accuracy']:.4f}, dev loss {scores['dev_loss']:.4f}")
-            if scores["dev_accuracy"] > state["best_accuracy"]:
-                state["best_accuracy"] = scores["dev_accuracy"]
-                save_recformer(run.out / "best", engine, run.frozen, run.config, run.tokenizer, run.rank)
-            began = time.perf_counter()  # throughput counts training only
-        if step % args.save_every == 0 or step == run.stop_step:
-            save_deepspeed(engine, run.out / "deepspeed", step, dict(state), args.keep_checkpoints, run.rank)
-            began = time.perf_counter()
 
 
 # Flags a resumed run may change: they bound, log or save the run, but do not change what each step computes.
@@ -719,9 +681,44 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
         print(f"resumed from step {state['micro_step'] // args.grad_accum}")
     stop_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
     scalars = Scalars(out, enabled=args.tensorboard and rank == 0)  # a resumed run adds to the same directory
-    run = Run(args, corpus, tokens, tokenizer, model.config, frozen, out, rank, world, device, micro_per_epoch,
-              stop_step, scalars)  # fmt: skip
-    train(run, engine, state)
+    run = PretrainingSetup(args, corpus, tokens, tokenizer, model.config, frozen, out, rank, world, device,
+                           micro_per_epoch, stop_step, scalars)  # fmt: skip
+    # The loop: optimizer steps from where `state` stands to stop_step; log, evaluate and keep the best, checkpoint.
+    # since_log sums, since the last log, contrastive, mlm, correct pairs, micro-batches, tokens; on the device, so
+    # no micro-batch waits for a host read and the all-reduce in log_training works under NCCL too.
+    since_log = torch.zeros(5, dtype=torch.float64, device=run.device)
+    planned_epoch, plan = -1, None
+    began = time.perf_counter()
+    first_step = state["micro_step"] // args.grad_accum + 1
+    for step in progress(range(first_step, run.stop_step + 1), desc="pretrain", initial=first_step - 1,
+                         total=run.stop_step):  # fmt: skip
+        for _ in range(args.grad_accum):
+            micro = state["micro_step"]
+            epoch = micro // run.micro_per_epoch
+            if epoch != planned_epoch:
+                plan, planned_epoch = epoch_plan(args.seed, epoch, len(run.corpus.train)), epoch
+            inputs = micro_batch_inputs(run, micro, plan)
+            torch.manual_seed(step_seed(args.seed, run.rank, micro))  # dropout
+            since_log[:3] += train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
+            since_log[3] += 1
+            since_log[4] += sum(side["attention_mask"].sum() for side in inputs)
+            state["micro_step"] += 1
+        if step % args.log_every == 0 or step == run.stop_step:
+            log_training(run, engine, step, state["micro_step"], since_log, time.perf_counter() - began)
+            since_log.zero_()
+            began = time.perf_counter()
+        if step % args.eval_every == 0 or step == run.stop_step:
+            scores = evaluate(run, engine)
+            record_metrics(run, step, scores)
+            if run.rank == 0:
+                print(f"step {step}: dev accuracy {scores['dev_accuracy']:.4f}, dev loss {scores['dev_loss']:.4f}")
+            if scores["dev_accuracy"] > state["best_accuracy"]:
+                state["best_accuracy"] = scores["dev_accuracy"]
+                save_recformer(run.out / "best", engine, run.frozen, run.config, run.tokenizer, run.rank)
+            began = time.perf_counter()  # throughput counts training only
+        if step % args.save_every == 0 or step == run.stop_step:
+            save_deepspeed(engine, run.out / "deepspeed", step, dict(state), args.keep_checkpoints, run.rank)
+            began = time.perf_counter()
     scalars.close()
     save_recformer(out / "final", engine, frozen, model.config, tokenizer, rank)
     print(f"wrote {out / 'final'} (best dev accuracy {state['best_accuracy']:.4f} in {out / 'best'})")

@@ -77,7 +77,7 @@ def two_processes(synthetic_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero_shot(synthetic_data, tmp_path_factory) -> tuple[Path, finetune_recformer.Run]:
+def zero_shot(synthetic_data, tmp_path_factory) -> tuple[Path, finetune_recformer.FineTuning]:
     """--epochs 0 on one process, in this process, with the same flags and seed (so the same untrained model)."""
     out = tmp_path_factory.mktemp("zero") / "run"
     run = finetune_recformer.main(parse_launched_args([*RUN, "--data", str(synthetic_data), "--out", str(out),

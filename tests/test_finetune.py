@@ -268,7 +268,7 @@ def without_dropout(model: RecformerForSeqRec) -> None:
         layer.attention.self.dropout = 0.0
 
 
-def first_step_gradients(run: finetune_recformer.Run, seed: int) -> dict[str, torch.Tensor]:
+def first_step_gradients(run: finetune_recformer.FineTuning, seed: int) -> dict[str, torch.Tensor]:
     """The gradients train_epoch applies in its first optimizer step (training examples drawn with `seed`); an SGD
     step with learning rate 0 leaves the weights as they were."""
     run.rng = np.random.default_rng(seed)
