@@ -296,6 +296,69 @@ def test_paper_state_dict_and_shape_mismatch(tmp_path):
         load_backbone(str(tmp_path / "base" / "broken.bin"), RecformerForSeqRec)
 
 
+# The paper's key names and shapes, written out from its code (RecFormer's models.py: RecformerEmbeddings with an
+# item-position table of 51 rows and 4 token types, Hugging Face's Longformer layers and LM head), not read from our
+# model, for save_tiny_longformer's sizes: hidden 16, intermediate 32, 2 layers, 1030 positions.
+H, I, V, P = 16, 32, len(VOCAB), 1030
+PAPER_EMBEDDINGS = {
+    "embeddings.word_embeddings.weight": (V, H), "embeddings.position_embeddings.weight": (P, H),
+    "embeddings.token_type_embeddings.weight": (4, H), "embeddings.item_position_embeddings.weight": (51, H),
+    "embeddings.LayerNorm.weight": (H,), "embeddings.LayerNorm.bias": (H,),
+}  # fmt: skip
+PAPER_LAYER = {
+    **{f"attention.self.{proj}.{kind}": (H, H) if kind == "weight" else (H,)
+       for proj in ("query", "key", "value", "query_global", "key_global", "value_global")
+       for kind in ("weight", "bias")},
+    "attention.output.dense.weight": (H, H), "attention.output.dense.bias": (H,),
+    "attention.output.LayerNorm.weight": (H,), "attention.output.LayerNorm.bias": (H,),
+    "intermediate.dense.weight": (I, H), "intermediate.dense.bias": (I,),
+    "output.dense.weight": (H, I), "output.dense.bias": (H,),
+    "output.LayerNorm.weight": (H,), "output.LayerNorm.bias": (H,),
+}  # fmt: skip
+PAPER_LM_HEAD = {
+    "lm_head.dense.weight": (H, H), "lm_head.dense.bias": (H,), "lm_head.layer_norm.weight": (H,),
+    "lm_head.layer_norm.bias": (H,), "lm_head.decoder.weight": (V, H), "lm_head.decoder.bias": (V,),
+    "lm_head.bias": (V,),
+}  # fmt: skip
+
+
+def papers_encoder_tensors() -> dict[str, torch.Tensor]:
+    """A bare RecformerModel state dict under the paper's names, random values, and its position_ids buffer."""
+    shapes = {**PAPER_EMBEDDINGS, **{f"encoder.layer.{i}.{name}": shape for i in range(2)
+                                     for name, shape in PAPER_LAYER.items()}}  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    state = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    return {**state, "embeddings.position_ids": torch.arange(P)[None]}
+
+
+@pytest.mark.parametrize("layout", ["recformer_pretrain_ckpt", "seqrec_pretrain_ckpt", "lightning", "deepspeed"])
+def test_the_papers_bin_files_load_by_their_own_names(tmp_path, layout):
+    """The paper's files: recformer_pretrain_ckpt.bin (a bare encoder), seqrec_pretrain_ckpt.bin (under
+    `longformer.`, with the LM head), the pytorch_model.bin of Lightning's DeepSpeed strategy (under
+    `_forward_module.model.`) and DeepSpeed's model-states file (that, wrapped as {"module": ...}). Every encoder
+    tensor lands on the tensor of the same paper name."""
+    save_tiny_longformer(tmp_path)  # config.json and tokenizer beside the .bin, where the paper's layout has them
+    encoder = papers_encoder_tensors()
+    head = {name: torch.full(shape, 0.5) for name, shape in PAPER_LM_HEAD.items()}
+    state = {
+        "recformer_pretrain_ckpt": encoder,
+        "seqrec_pretrain_ckpt": {**{f"longformer.{k}": v for k, v in encoder.items()}, **head},
+        "lightning": {f"_forward_module.model.{k}": v
+                      for k, v in {**{f"longformer.{n}": t for n, t in encoder.items()}, **head}.items()},
+    }.get(layout)  # fmt: skip
+    if layout == "deepspeed":
+        state = {"module": {f"_forward_module.model.longformer.{k}": v for k, v in encoder.items()}}
+    torch.save(state, tmp_path / f"{layout}.bin")
+    model, _ = load_backbone(str(tmp_path / f"{layout}.bin"), RecformerForPretraining)
+    ours = model.state_dict()
+    for name, tensor in encoder.items():
+        if name != "embeddings.position_ids":
+            assert torch.equal(ours[f"longformer.{name}"], tensor), name
+    if layout in ("seqrec_pretrain_ckpt", "lightning"):
+        for name in PAPER_LM_HEAD:
+            assert torch.equal(ours[name], head[name]), name
+
+
 def test_bad_backbone_specs_fail_in_one_line(tmp_path):
     for spec in [str(tmp_path / "missing"), str(tmp_path)]:
         with pytest.raises(BackboneError) as error:
