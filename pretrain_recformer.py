@@ -23,7 +23,6 @@ import resource
 import shutil
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -350,6 +349,8 @@ def zero0_fp32_masters(optimizer) -> dict[int, torch.Tensor]:
     With bf16 or fp16 and ZeRO 0 (DeepSpeed 0.19), the engine wraps the optimizer in FP16_UnfusedOptimizer (torch's
     AdamW: `fp32_groups`, one master per parameter) or FP16_Optimizer (fused Adam: `fp32_groups_flat`, one flat
     master per group); `fp16_groups` lists the low-precision module parameters in the same order either way.
+    DeepSpeed has no public route to these (safe_get_full_fp32_param and zero_to_fp32 cover ZeRO 1-3 only), hence
+    its optimizers' attributes here.
     """
     if isinstance(optimizer, FP16_UnfusedOptimizer):
         per_group = optimizer.fp32_groups
@@ -403,56 +404,34 @@ def save_recformer(directory: Path, engine, frozen, config, tokenizer, rank: int
 
 
 def save_deepspeed(engine, directory: Path, step: int, client_state: dict, keep: int, rank: int) -> None:
-    """DeepSpeed's checkpoint of everything (model, optimizer, scheduler; every rank writes its shards) plus ours.
+    """DeepSpeed's checkpoint of everything (model, optimizer, scheduler; every rank writes its shards) plus ours,
+    under tag step<N>; then `latest` names it and the --keep-checkpoints newest steps stay.
 
-    Written under a temporary tag that is renamed once every rank has finished, and only then does `latest` move:
-    an interrupted save leaves no half-written step directory, and the previous checkpoint stays in charge.
+    DeepSpeed's own `latest` is written by rank 0 once rank 0's files are saved, before the other ranks' shards may
+    be, and in place: a kill there leaves it naming a half-written step. So it is written here instead, atomically,
+    after save_checkpoint's closing barrier: a step `latest` names is complete, and a step cut by a kill is never
+    named (--resume continues from the one before, and the next save replaces it).
     """
-    tag, temporary = f"step{step:08d}", f".tmp-step{step:08d}"
-    engine.save_checkpoint(str(directory), tag=temporary, client_state=client_state, save_latest=False)
-    dist.barrier()
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     if rank == 0:
-        if (directory / tag).exists():  # the same step saved again (a resumed run that had already finished)
-            shutil.rmtree(directory / tag)
-        (directory / temporary).rename(directory / tag)
         save_atomic(directory / "latest", lambda tmp: tmp.write_text(tag))
-        stale = sorted(p for p in directory.glob("step*") if p.is_dir())[:-keep] + list(directory.glob(".tmp-step*"))
-        for old in stale:
-            shutil.rmtree(old)
+        steps = sorted(p.name for p in directory.glob("step*") if p.is_dir())
+        stale = [name for name in steps if name > tag] + [name for name in steps if name <= tag][:-keep]
+        for name in stale:  # cut saves of a run resumed from an earlier step, and the oldest complete ones
+            shutil.rmtree(directory / name)
     dist.barrier()
 
 
-def step_problem(step: Path) -> str | None:
-    """What makes DeepSpeed checkpoint directory `step` unusable (missing, no model states, a truncated file), or
-    None. Every file DeepSpeed writes with torch.save is a zip archive whose directory sits at its end, so a file
-    cut short by a crash or a full disk no longer opens as one."""
-    if not step.is_dir():
-        return "is missing"
-    if not (step / "mp_rank_00_model_states.pt").is_file():
-        return "has no mp_rank_00_model_states.pt"
-    for file in sorted(step.glob("*.pt")):
-        try:
-            zipfile.ZipFile(file).close()
-        except (zipfile.BadZipFile, OSError):
-            return f"has a truncated or unreadable {file.name}"
-    return None
-
-
-def resume_step(directory: Path) -> str:
-    """The tag of the checkpoint --resume continues from: the one `latest` names, else (it is missing or broken)
-    the newest intact step, said on stdout. InputError, naming each broken step, when none is intact."""
+def resume_tag(directory: Path) -> str:
+    """The step --resume continues from: the one `latest` names (see save_deepspeed); InputError when there is none."""
     latest = directory / "latest"
-    named = [latest.read_text(encoding="utf-8").strip()] if latest.is_file() else []
-    newest_first = sorted((p.name for p in directory.glob("step*") if p.is_dir()), reverse=True)
-    problems = []
-    for tag in dict.fromkeys(named + newest_first):
-        problem = step_problem(directory / tag)
-        if problem is None:
-            if problems:
-                print(f"resume: {'; '.join(problems)}; continuing from {directory / tag}")
-            return tag
-        problems.append(f"{directory / tag} {problem}")
-    raise InputError(f"{directory}: no intact checkpoint to resume from ({'; '.join(problems) or 'none saved'})")
+    if not latest.is_file():
+        raise InputError(f"{directory}: no checkpoint to resume from (no `latest`: no step was saved completely)")
+    tag = latest.read_text(encoding="utf-8").strip()
+    if not (directory / tag).is_dir():
+        raise InputError(f"{directory}: no checkpoint to resume from (`latest` names {tag}, which is missing)")
+    return tag
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
@@ -643,7 +622,7 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
         raise InputError(f"{args.out}: --resume needs --out, a run directory holding deepspeed/")
     if args.resume:
         check_same_run(args.out, args, RESUME_MAY_CHANGE)
-    resume_tag = resume_step(args.out / "deepspeed") if args.resume else None
+    tag = resume_tag(args.out / "deepspeed") if args.resume else None
     if not args.resume:
         check_run_dir(args.out, args.overwrite, args)
     corpus = load_corpus(args.data)  # before any process group: a bad corpus fails fast
@@ -676,7 +655,7 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     )
     state = {"micro_step": 0, "best_accuracy": -1.0}
     if args.resume:
-        _, client_state = engine.load_checkpoint(str(out / "deepspeed"), tag=resume_tag)
+        _, client_state = engine.load_checkpoint(str(out / "deepspeed"), tag=tag)
         state.update({key: client_state[key] for key in state})
         print(f"resumed from step {state['micro_step'] // args.grad_accum}")
     stop_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps

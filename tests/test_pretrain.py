@@ -296,9 +296,10 @@ def test_zero_stages_0_1_3_write_checkpoints_export_reads(corpus, dataset, tmp_p
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-def test_zero0_bf16_saves_the_fp32_masters_and_resume_skips_a_truncated_step(corpus, tmp_path):
+def test_zero0_bf16_saves_the_fp32_masters_and_resume_skips_a_cut_save(corpus, tmp_path):
     """ZeRO 0 + bf16 on the CPU: best/ and final/ hold the optimizer's fp32 master weights, not the module's bf16
-    copies; --resume passes over a step whose model file was cut short and continues from the one before."""
+    copies; a save cut by a kill (its model file half written, `latest` still naming the step before, as a kill
+    leaves them) is passed over: --resume continues from the step before and redoes the cut one."""
     out = tmp_path / "bf16"
     # three steps: the warm-up schedule gives the first step learning rate 0
     launch(corpus, out, "--epochs", "1", "--max-steps", "3", "--eval-every", "1", "--save-every", "1",
@@ -317,21 +318,23 @@ def test_zero0_bf16_saves_the_fp32_masters_and_resume_skips_a_truncated_step(cor
 
     step3 = out / "deepspeed" / "step00000003" / "mp_rank_00_model_states.pt"
     step3.write_bytes(step3.read_bytes()[: step3.stat().st_size // 2])
+    (out / "deepspeed" / "latest").write_text("step00000002")
     metrics = launch(corpus, out, "--epochs", "1", "--max-steps", "4", "--save-every", "1", "--zero-stage", "0",
                      "--dtype", "bfloat16", "--resume")  # fmt: skip
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 3, 4]  # the resumed run redid step 3
     assert (out / "deepspeed" / "latest").read_text() == "step00000004"
+    assert sorted(p.name for p in (out / "deepspeed").glob("step*")) == ["step00000003", "step00000004"]
 
 
-def test_resume_without_an_intact_step_names_the_broken_ones(tmp_path):
-    (tmp_path / "deepspeed" / "step00000004").mkdir(parents=True)
-    (tmp_path / "deepspeed" / "latest").write_text("step00000005")
+def test_resume_without_a_complete_step_says_so(tmp_path):
+    """No `latest` (no save finished), or a `latest` naming a step that is gone: one line, before any work."""
+    (tmp_path / "deepspeed" / "step00000004").mkdir(parents=True)  # a save cut before `latest` was written
     write_json_atomic(tmp_path / "config.json", P.Args(data=tmp_path / "corpus", out=tmp_path))
-    with pytest.raises(P.InputError) as error:
+    with pytest.raises(P.InputError, match=r"deepspeed: no checkpoint to resume from \(no `latest`: no step was"):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True))
-    message = str(error.value)
-    assert "\n" not in message and "step00000005 is missing" in message, message
-    assert "step00000004 has no mp_rank_00_model_states.pt" in message, message
+    (tmp_path / "deepspeed" / "latest").write_text("step00000005")
+    with pytest.raises(P.InputError, match=r"\(`latest` names step00000005, which is missing\)$"):
+        P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True))
 
 
 def test_pairs_follow_the_papers_rule():
@@ -414,7 +417,7 @@ def test_resume_refuses_settings_that_make_another_run(tmp_path):
     write_json_atomic(tmp_path / "config.json", started)
     with pytest.raises(OutputError, match=r"config.json: --resume with other settings .*\(--lr, --seed\)"):
         P.main(dataclasses.replace(started, resume=True, max_steps=0, lr=1.0, seed=7))
-    with pytest.raises(P.InputError, match="no intact checkpoint"):  # bounds and logs may change: the check passes
+    with pytest.raises(P.InputError, match="no checkpoint to resume from"):  # bounds and logs may change: it passes
         P.main(dataclasses.replace(started, resume=True, max_steps=0, save_every=3, tensorboard=False))
 
 
