@@ -423,6 +423,9 @@ def save_deepspeed(engine, directory: Path, step: int, client_state: dict, keep:
     dist.barrier()
 
 
+MODEL_STATES = "mp_rank_00_model_states.pt"  # the first file of a step that DeepSpeed's load_checkpoint reads
+
+
 def resume_tag(directory: Path) -> str:
     """The step --resume continues from: the one `latest` names (see save_deepspeed); InputError when there is none."""
     latest = directory / "latest"
@@ -431,6 +434,8 @@ def resume_tag(directory: Path) -> str:
     tag = latest.read_text(encoding="utf-8").strip()
     if not (directory / tag).is_dir():
         raise InputError(f"{directory}: no checkpoint to resume from (`latest` names {tag}, which is missing)")
+    if not (directory / tag / MODEL_STATES).is_file():  # lost after the save: DeepSpeed would fail with a traceback
+        raise InputError(f"{directory}: no checkpoint to resume from ({tag} has no {MODEL_STATES})")
     return tag
 
 

@@ -27,6 +27,12 @@ SASREC = "train_sasrec.py"
 SMALL_RUN = ["--hidden-size", "16", "--sample-size", "10", "--device", "cpu", "--no-tensorboard"]
 
 
+def default_sigint() -> None:
+    """In a child before exec: Ctrl-C as a terminal's program gets it. A test run started in the background of a
+    non-interactive shell ignores SIGINT, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stderr_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
@@ -136,7 +142,7 @@ def test_ctrl_c_during_training_keeps_the_best_checkpoint(signum, data_copy, tmp
     command = [sys.executable, str(REPO / SASREC), "--data", str(data_copy), "--out", str(out), "--epochs", "1000",
                "--patience", "1000", *SMALL_RUN]  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+                               text=True, preexec_fn=default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while not (out / "best.pt").exists() and process.poll() is None and time.monotonic() < deadline:

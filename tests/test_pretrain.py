@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SHARED_DATA
+from test_faults import default_sigint
 
 import pretrain_recformer as P
 from common.data import PAD, DatasetError, Sequences
@@ -213,7 +214,7 @@ def test_ctrl_c_under_the_deepspeed_launcher_ends_in_one_line(corpus, tmp_path):
                "--no-tensorboard"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1")
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)  # fmt: skip
+                                text=True, start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while not (out / "deepspeed" / "latest").exists() and launcher.poll() is None and time.monotonic() < deadline:
@@ -327,13 +328,17 @@ def test_zero0_bf16_saves_the_fp32_masters_and_resume_skips_a_cut_save(corpus, t
 
 
 def test_resume_without_a_complete_step_says_so(tmp_path):
-    """No `latest` (no save finished), or a `latest` naming a step that is gone: one line, before any work."""
+    """No `latest` (no save finished), a `latest` naming a step that is gone, or one whose model file is: one line,
+    before any work."""
     (tmp_path / "deepspeed" / "step00000004").mkdir(parents=True)  # a save cut before `latest` was written
     write_json_atomic(tmp_path / "config.json", P.Args(data=tmp_path / "corpus", out=tmp_path))
     with pytest.raises(P.InputError, match=r"deepspeed: no checkpoint to resume from \(no `latest`: no step was"):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True))
     (tmp_path / "deepspeed" / "latest").write_text("step00000005")
     with pytest.raises(P.InputError, match=r"\(`latest` names step00000005, which is missing\)$"):
+        P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True))
+    (tmp_path / "deepspeed" / "latest").write_text("step00000004")  # named, but its files lost since
+    with pytest.raises(P.InputError, match=r"\(step00000004 has no mp_rank_00_model_states.pt\)$"):
         P.main(P.Args(data=tmp_path / "corpus", out=tmp_path, resume=True))
 
 
