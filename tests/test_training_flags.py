@@ -4,6 +4,9 @@ table as it was, --finetune-negatives trains on a sampled softmax."""
 
 import json
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +23,16 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture
+def inductor_cache_per_isa(monkeypatch):
+    """Inductor's on-disk cache does not tell ATEN_CPU_CAPABILITY settings apart (torch 2.13): kernels cached under
+    one and loaded under another gave NaN scores and heap corruption. One cache directory per setting."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor-{capability}"))
+
+
 @pytest.mark.parametrize("script", [train_sasrec, train_bert4rec], ids=["sasrec", "bert4rec"])
-def test_compile_trains_as_the_eager_model(script, synthetic_data, tmp_path):
+def test_compile_trains_as_the_eager_model(script, synthetic_data, tmp_path, inductor_cache_per_isa):
     """torch.compile (inductor, here on the CPU) changes kernels, not the model: without dropout (whose random
     numbers a compiled graph draws differently) the same loss and validation metrics up to float rounding, and the
     checkpoint keeps the eager model's parameter names."""
