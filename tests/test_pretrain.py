@@ -153,15 +153,27 @@ def assert_loss_falls(metrics: list[dict]) -> None:
 
 
 def assert_loads_in_export(checkpoint: Path, dataset: Path, capsys) -> None:
-    """export_embeddings.py reads the directory as is: every tensor found, a finite non-trivial table written."""
+    """export_embeddings.py reads the directory as is (every tensor found), and its table is what the checkpoint's
+    weights give when Hugging Face's own loader reads them (RecformerModel.from_pretrained, not our load_backbone)."""
+    from transformers import AutoTokenizer
+
     import export_embeddings
+    from common.data import load_dataset
+    from common.recformer_data import dataset_item_tokens, encode_items
+    from recformer.modeling_recformer import RecformerModel
+    from recformer.tokenization_recformer import RecformerTokenizer
 
     target = checkpoint.parent / f"{checkpoint.name}.safetensors"
     capsys.readouterr()
     export_embeddings.main(export_embeddings.Args(checkpoint=str(checkpoint), data=dataset, out=target))
     assert "new 0 tensors" in capsys.readouterr().out
     table = load_file(str(target))["item_embeddings"]
-    assert torch.isfinite(table).all() and table[1:].abs().sum() > 0
+    encoder = RecformerModel.from_pretrained(str(checkpoint)).float()
+    tokenizer = RecformerTokenizer(AutoTokenizer.from_pretrained(str(checkpoint)), encoder.config)
+    tokens = dataset_item_tokens(tokenizer, load_dataset(dataset, verbose=False))
+    expected = encode_items(encoder, tokens, batch_size=64, device=torch.device("cpu"))
+    torch.testing.assert_close(table, expected, atol=1e-6, rtol=0)
+    assert table[1:].abs().sum() > 0
 
 
 @pytest.fixture(scope="module")
