@@ -670,38 +670,38 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
     # The loop: optimizer steps from where `state` stands to stop_step; log, evaluate and keep the best, checkpoint.
     # since_log sums, since the last log, contrastive, mlm, correct pairs, micro-batches, tokens; on the device, so
     # no micro-batch waits for a host read and the all-reduce in log_training works under NCCL too.
-    since_log = torch.zeros(5, dtype=torch.float64, device=run.device)
+    since_log = torch.zeros(5, dtype=torch.float64, device=device)
     planned_epoch, plan = -1, None
     began = time.perf_counter()
     first_step = state["micro_step"] // args.grad_accum + 1
-    for step in progress(range(first_step, run.stop_step + 1), desc="pretrain", initial=first_step - 1,
-                         total=run.stop_step):  # fmt: skip
+    for step in progress(range(first_step, stop_step + 1), desc="pretrain", initial=first_step - 1,
+                         total=stop_step):  # fmt: skip
         for _ in range(args.grad_accum):
             micro = state["micro_step"]
-            epoch = micro // run.micro_per_epoch
+            epoch = micro // micro_per_epoch
             if epoch != planned_epoch:
-                plan, planned_epoch = epoch_plan(args.seed, epoch, len(run.corpus.train)), epoch
+                plan, planned_epoch = epoch_plan(args.seed, epoch, len(corpus.train)), epoch
             inputs = micro_batch_inputs(run, micro, plan)
-            torch.manual_seed(step_seed(args.seed, run.rank, micro))  # dropout
-            since_log[:3] += train_step(engine, inputs, run.config.temp, run.config.mlm_weight, run.world)
+            torch.manual_seed(step_seed(args.seed, rank, micro))  # dropout
+            since_log[:3] += train_step(engine, inputs, model.config.temp, model.config.mlm_weight, world)
             since_log[3] += 1
             since_log[4] += sum(side["attention_mask"].sum() for side in inputs)
             state["micro_step"] += 1
-        if step % args.log_every == 0 or step == run.stop_step:
+        if step % args.log_every == 0 or step == stop_step:
             log_training(run, engine, step, state["micro_step"], since_log, time.perf_counter() - began)
             since_log.zero_()
             began = time.perf_counter()
-        if step % args.eval_every == 0 or step == run.stop_step:
+        if step % args.eval_every == 0 or step == stop_step:
             scores = evaluate(run, engine)
             record_metrics(run, step, scores)
-            if run.rank == 0:
+            if rank == 0:
                 print(f"step {step}: dev accuracy {scores['dev_accuracy']:.4f}, dev loss {scores['dev_loss']:.4f}")
             if scores["dev_accuracy"] > state["best_accuracy"]:
                 state["best_accuracy"] = scores["dev_accuracy"]
-                save_recformer(run.out / "best", engine, run.frozen, run.config, run.tokenizer, run.rank)
+                save_recformer(out / "best", engine, frozen, model.config, tokenizer, rank)
             began = time.perf_counter()  # throughput counts training only
-        if step % args.save_every == 0 or step == run.stop_step:
-            save_deepspeed(engine, run.out / "deepspeed", step, dict(state), args.keep_checkpoints, run.rank)
+        if step % args.save_every == 0 or step == stop_step:
+            save_deepspeed(engine, out / "deepspeed", step, dict(state), args.keep_checkpoints, rank)
             began = time.perf_counter()
     scalars.close()
     save_recformer(out / "final", engine, frozen, model.config, tokenizer, rank)

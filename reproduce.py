@@ -499,34 +499,32 @@ PUBLISHED_FILES = ("results.md", "results.json", TABLES_FILE, "test_ndcg10.png",
 
 
 def reuse_finished_cells(args: Args, starts: list[str]) -> None:
-    """Copy each cell finished in --reuse but not in --out into --out (the record files, into a fresh directory
-    renamed into place, so a kill leaves no half-copied run)."""
+    """Copy each cell finished in --reuse but not in --out into --out: its record files, as one directory written
+    atomically (save_atomic), so a kill leaves no half-copied run."""
     reused = 0
     for cell in cells(args, starts):
         source, target = args.reuse / "runs" / cell.name, args.out / "runs" / cell.name
         if finished(target) or not finished(source):
             continue
         redo_if_crashed(target)
-        staging = target.with_name(f".{cell.name}.reuse")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name in RUN_RECORD_FILES:
-            shutil.copy2(source / name, staging / name)
-        staging.rename(target)
+        save_atomic(target, lambda tmp, source=source: copy_record_files(source, tmp))
         reused += 1
     print(f"reused {reused} finished run(s) from {args.reuse}")
 
 
+def copy_record_files(source: Path, directory: Path) -> None:
+    directory.mkdir()
+    for name in RUN_RECORD_FILES:
+        shutil.copyfile(source / name, directory / name)
+
+
 def publish(args: Args, done: list[Cell]) -> None:
     """The report and every finished cell's record files into --publish (each file written atomically)."""
-    for name in PUBLISHED_FILES:
-        if (args.out / name).exists():
-            data = (args.out / name).read_bytes()
-            save_atomic(args.publish / name, lambda tmp, data=data: tmp.write_bytes(data))
-    for cell in done:
-        for name in RUN_RECORD_FILES:
-            data = (args.out / "runs" / cell.name / name).read_bytes()
-            save_atomic(args.publish / "runs" / cell.name / name, lambda tmp, data=data: tmp.write_bytes(data))
+    copies = [(args.out / name, args.publish / name) for name in PUBLISHED_FILES if (args.out / name).exists()]
+    copies += [(args.out / "runs" / cell.name / name, args.publish / "runs" / cell.name / name)
+               for cell in done for name in RUN_RECORD_FILES]  # fmt: skip
+    for source, target in copies:
+        save_atomic(target, lambda tmp, source=source: shutil.copyfile(source, tmp))
     print(f"published the report and {len(done)} finished run(s) to {args.publish}")
 
 

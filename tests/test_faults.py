@@ -33,6 +33,18 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def interrupted_once(process: subprocess.Popen, ready: Path, interrupt) -> str:
+    """interrupt() once `ready` exists (or the process ended, or 300 s passed); the process's stderr once it ends."""
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        interrupt()
+        return process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+
+
 def stderr_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
@@ -143,14 +155,7 @@ def test_ctrl_c_during_training_keeps_the_best_checkpoint(signum, data_copy, tmp
                "--patience", "1000", *SMALL_RUN]  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, preexec_fn=default_sigint)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "best.pt").exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
+    stderr = interrupted_once(process, out / "best.pt", lambda: process.send_signal(signum))
     assert process.returncode == 130, stderr
     assert stderr_lines(stderr) == [
         f"interrupted: kept {out}/best.pt (no test_metrics.json: the run did not finish)"

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SHARED_DATA
-from test_faults import default_sigint
+from test_faults import default_sigint, interrupted_once
 
 import pretrain_recformer as P
 from common.data import PAD, DatasetError, Sequences
@@ -227,14 +226,7 @@ def test_ctrl_c_under_the_deepspeed_launcher_ends_in_one_line(corpus, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1")
     launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True, preexec_fn=default_sigint)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "deepspeed" / "latest").exists() and launcher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        os.killpg(launcher.pid, signal.SIGINT)
-        _, stderr = launcher.communicate(timeout=120)
-    finally:
-        launcher.kill()
+    stderr = interrupted_once(launcher, out / "deepspeed" / "latest", lambda: os.killpg(launcher.pid, signal.SIGINT))
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("[20")]
     ours = [line for line in lines if line.startswith("interrupted:")]
     assert launcher.returncode != 0 and ours == [
