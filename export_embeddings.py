@@ -41,33 +41,29 @@ from typing import Annotated, Literal, get_args
 
 import torch
 
-from common.cli import Checked, Device, Dtype, OutputFile, Positive, Seed
-from common.data import DatasetError, SeqDataset, load_dataset
+from common.cli import Checked, Device, Dtype, OutputFile, Positive, Seed, dangling_link_problem
+from common.data import SeqDataset, load_dataset
 from common.distributed import (
-    LaunchError,
-    init_distributed,
-    launched_processes,
     leave_process_group,
     parse_launched,
     rank0_first,
-    silence_other_ranks,
+    this_process,
 )
 from common.embeddings import (
     STAGE_TABLE_FILE,
-    EmbeddingFileError,
     checked_table,
     default_embeddings_path,
     load_item_embeddings,
     save_item_embeddings,
-    save_paper_layout,
 )
 from common.recformer_data import dataset_item_tokens, encode_items, item_texts
 from common.run import (
     OutputError,
-    check_output_file,
     ending_in_one_line,
+    file_on_the_way,
+    input_paths,
     precision,
-    resolve_device,
+    save_atomic,
     seed_everything,
 )
 from recformer.convert_recformer import BackboneError, load_backbone, paper_item_table
@@ -108,6 +104,46 @@ class Args(Checked):
     attention, the reference); the same function and weights."""
 
 
+def save_paper_layout(path: Path, table: torch.Tensor) -> None:
+    """Write `table` (num_items + 1, d) as the paper's code saves and reads item tables: torch.save of a bare float32
+    tensor, row 0 zeros (SASRec's and BERT4Rec's `init_item_embedding` take it as is)."""
+    table = table.detach().float().cpu().contiguous().clone()
+    table[0] = 0.0
+    save_atomic(Path(path), lambda tmp: torch.save(table, tmp))
+
+
+def check_output_file(path: Path, overwrite: bool, config=None) -> None:
+    """Refuse, before any work, an output file path that holds a file (unless `overwrite`), cannot hold one, or is
+    one of the inputs `config` names (even with `overwrite`)."""
+    path = Path(path)
+    blocker = file_on_the_way(path.parent)
+    if blocker is not None:
+        raise OutputError(f"{path}: cannot be created, {blocker} is a file")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory, expected a file path")
+    if (dangling := dangling_link_problem(path)) is not None:
+        raise OutputError(f"{path}: {dangling}")
+    read = input_file_at(path, config)
+    if read is not None:
+        raise OutputError(f"{path}: is {read}, which this command reads; choose another output file")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+
+
+def input_file_at(path: Path, config) -> Path | None:
+    """The input of `config` that writing `path` would replace: an input file itself, or a file directly in an
+    input directory (a dataset's train.json, a checkpoint's model.safetensors); None when there is none. Files in
+    subdirectories of an input (<data>/embeddings/, the caches) are outputs, not inputs."""
+    if not Path(path).exists():
+        return None
+    target = Path(path).resolve()
+    for source in input_paths(config):
+        source = source.resolve()
+        if target == source or (source.is_dir() and target.parent == source):
+            return source if target == source else target
+    return None
+
+
 def run_dtype(checkpoint: str) -> Dtype | None:
     """The --dtype recorded by the run that wrote `checkpoint` (<run>/config.json beside <run>/stage1 or
     <run>/best), or None when the checkpoint is not inside such a run directory."""
@@ -144,23 +180,16 @@ def main(args: Args) -> None:
     seed_everything(args.seed)
     suffix = ".pt" if args.format == "torch" else ".safetensors"
     out = args.out or default_embeddings_path(args.data).with_suffix(suffix)
-    try:
-        check_output_file(out, args.overwrite, args)
-        data = load_dataset(args.data)
-        if args.table == "stored":
-            table = stored_table(args.checkpoint, data)
-            write_table(out, table, data, args)
-            print(f"wrote {out}: the table stored with {args.checkpoint}, {data.num_items} items x {table.shape[1]}")
-            return
-        if launched_processes() > 1:
-            rank, world, device = init_distributed(args.device)
-        else:
-            rank, world, device = 0, 1, resolve_device(args.device)
-        silence_other_ranks(rank)
-        encoder, tokenizer = load_backbone(args.checkpoint, RecformerModel, item_texts(data))
-        tokens = rank0_first(lambda: dataset_item_tokens(tokenizer, data))  # rank 0 writes the token cache
-    except (DatasetError, BackboneError, EmbeddingFileError, OutputError, LaunchError) as error:
-        raise SystemExit(f"error: {error}") from None
+    check_output_file(out, args.overwrite, args)
+    data = load_dataset(args.data)
+    if args.table == "stored":
+        table = stored_table(args.checkpoint, data)
+        write_table(out, table, data, args)
+        print(f"wrote {out}: the table stored with {args.checkpoint}, {data.num_items} items x {table.shape[1]}")
+        return
+    rank, world, device = this_process(args.device)
+    encoder, tokenizer = load_backbone(args.checkpoint, RecformerModel, item_texts(data))
+    tokens = rank0_first(lambda: dataset_item_tokens(tokenizer, data))  # rank 0 writes the token cache
     set_attention(encoder, args.attention)
     encoder.to(device)
     began = time.time()

@@ -63,18 +63,15 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_linear_schedule_with_warmup
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed
-from common.data import DatasetError, SeqDataset, load_dataset
+from common.data import SeqDataset, load_dataset
 from common.distributed import (
-    LaunchError,
     from_rank0,
-    init_distributed,
-    launched_processes,
     leave_process_group,
     parse_launched,
     rank0_first,
-    silence_other_ranks,
+    this_process,
 )
-from common.embeddings import STAGE_TABLE_FILE, EmbeddingFileError, load_item_embeddings, save_item_embeddings
+from common.embeddings import STAGE_TABLE_FILE, load_item_embeddings, save_item_embeddings
 from common.evaluation import (
     check_sample_size,
     evaluate,
@@ -111,7 +108,7 @@ from common.run import (
     to_device,
     write_json_atomic,
 )
-from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
+from recformer.convert_recformer import load_backbone, save_checkpoint
 from recformer.modeling_recformer import RecformerForSeqRec, set_attention
 from recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
 
@@ -343,61 +340,34 @@ def loss_over_processes(loss_sum: torch.Tensor, examples: int, world: int) -> tu
     return float(sums[0]) / max(1, int(sums[1].item())), int(sums[1].item())
 
 
-def train_epoch(
-    run: FineTuning, optimizer, schedule, *, stage: int, epoch: int, first_step: int, max_steps: int, scalars: Scalars
-) -> tuple[float, int, int]:
-    """One pass over the users, at most max_steps optimizer steps; returns (mean loss per example, steps,
-    examples), all over every process. At every multiple of --log-every of the stage's steps (first_step before this
-    epoch), "stage<k>/train/loss" (mean over the examples of this epoch's steps since the last point) and
-    "stage<k>/train/lr" (the rate of the last step) go to `scalars` at x = that step.
+def backward_step(
+    run: FineTuning, histories: np.ndarray, labels: np.ndarray, step_rows: np.ndarray, loss_sum: torch.Tensor
+) -> int:
+    """Gradients of one optimizer step's mean loss over the examples `step_rows` (every world-th of them on this
+    process); adds this process's loss sum to `loss_sum` and returns its number of examples.
 
-    Each step's examples_per_step examples (every world-th of them on this process) run in groups of similar token
-    length; each group's mean loss is weighted by its share of the step's examples (times world, as the processes'
-    gradients are averaged), so the step's gradient is that of the step's mean loss, however the examples are
-    grouped and shared. On many processes the groups accumulate gradients under DDP's no_sync() and the last one's
-    backward pass all-reduces them (overlapped with it); a process without examples in a step (the last, short
-    one) still joins that all-reduce, with a zero-weighted pass over one example.
+    The examples run in groups of similar token length; each group's mean loss is weighted by its share of the
+    step's examples (times world, as the processes' gradients are averaged), so the step's gradient is that of the
+    step's mean loss, however the examples are grouped and shared. On many processes the groups accumulate
+    gradients under DDP's no_sync() and the last one's backward pass all-reduces them (overlapped with it); a
+    process without examples in a step (the last, short one) still joins that all-reduce, with a zero-weighted pass
+    over one example.
     """
-    run.model.train()
-    histories, labels = training_examples(run.data, run.max_items, run.rng)  # the same on every process
-    per_step = run.examples_per_step
-    total = torch.zeros((), dtype=torch.float64, device=run.device)  # on the device: no host sync per call
-    seen, steps = 0, 0
-    logged_total, logged_seen = total.clone(), 0  # loss sum and examples at the last scalars point
-    bar = progress(range(0, len(labels), per_step), desc=f"stage {stage} epoch {epoch}", leave=False)
-    for begin in bar:
-        step_rows = np.arange(begin, min(begin + per_step, len(labels)))
-        local_rows = step_rows[run.rank :: run.world]
-        groups = [local_rows[rows] for rows in length_groups(run, histories[local_rows])] if len(local_rows) else []
-        if not groups and run.world > 1:
-            groups = [step_rows[:1]]  # joins the all-reduce with weight 0 below
-        for number, rows in enumerate(groups, start=1):
-            share = len(rows) * run.world / len(step_rows) if len(local_rows) else 0.0
-            synced = number == len(groups) or run.world == 1
-            label = torch.from_numpy(labels[rows]).to(run.device)
-            with contextlib.nullcontext() if synced else run.trained.no_sync():
-                pooled = encoder_call(run, histories[rows], run.trained)
-                loss = run.model.loss(pooled, label, run.args.finetune_negatives)
-                run.scaler.scale(loss * share).backward()
-            if share:
-                total += loss.detach().double() * len(rows)
-        seen += len(local_rows)
-        run.scaler.step(optimizer)
-        run.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        schedule.step()
-        run.weights_version += 1
-        steps += 1
-        if (first_step + steps) % run.args.log_every == 0:  # reading the loss waits for the device, so not every step
-            recent, _ = loss_over_processes(total - logged_total, seen - logged_seen, run.world)
-            logged_total, logged_seen = total.clone(), seen
-            bar.set_postfix(loss=f"{recent:.4f}")
-            scalars.add(first_step + steps, **{f"stage{stage}/train/loss": recent, f"stage{stage}/train/lr": lr})
-        if steps == max_steps:
-            break
-    mean_loss, examples = loss_over_processes(total, seen, run.world)
-    return mean_loss, steps, examples
+    local_rows = step_rows[run.rank :: run.world]
+    groups = [local_rows[rows] for rows in length_groups(run, histories[local_rows])] if len(local_rows) else []
+    if not groups and run.world > 1:
+        groups = [step_rows[:1]]  # joins the all-reduce with weight 0 below
+    for number, rows in enumerate(groups, start=1):
+        share = len(rows) * run.world / len(step_rows) if len(local_rows) else 0.0
+        synced = number == len(groups) or run.world == 1
+        label = torch.from_numpy(labels[rows]).to(run.device)
+        with contextlib.nullcontext() if synced else run.trained.no_sync():
+            pooled = encoder_call(run, histories[rows], run.trained)
+            loss = run.model.loss(pooled, label, run.args.finetune_negatives)
+            run.scaler.scale(loss * share).backward()
+        if share:
+            loss_sum += loss.detach().double() * len(rows)
+    return len(local_rows)
 
 
 @torch.no_grad()
@@ -481,7 +451,7 @@ def read_resume_point(run: FineTuning, run_dir: Path) -> dict | None:
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if len(state["torch_rng"]) != run.world:
-        raise SystemExit(f"error: {path}: saved by {len(state['torch_rng'])} process(es), resumed on {run.world}")
+        raise OutputError(f"{path}: saved by {len(state['torch_rng'])} process(es), resumed on {run.world}")
     metrics = run_dir / "metrics.jsonl"
     if run.rank == 0:
         lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)[: state["metrics_lines"]]
@@ -527,28 +497,21 @@ def check_resume(args: Args) -> None:
 
 
 def start(args: Args) -> FineTuning:
-    """Flags, data, process group (when launched on many processes), model: a one-line error for bad input."""
-    try:
-        if args.resume:
-            check_resume(args)
-        else:
-            check_run_dir(args.out, args.overwrite, args)
-        data = load_dataset(args.data)
-        require_users(data, "val", "test")
-        for sample_size in (args.sample_size, *args.test_sample_sizes):
-            check_sample_size(data, sample_size)
-        if launched_processes() > 1:
-            rank, world, device = init_distributed(args.device)
-        else:
-            rank, world, device = 0, 1, resolve_device(args.device)
-        silence_other_ranks(rank)
-        model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))
-        set_attention(model, args.attention)
-        if world > 1:
-            rank0_first(lambda: fill_caches(data, tokenizer, (args.sample_size, *args.test_sample_sizes)))
-        return prepare(args, data, model, tokenizer, device, rank, world)
-    except (DatasetError, BackboneError, EmbeddingFileError, OutputError, LaunchError) as error:
-        raise SystemExit(f"error: {error}") from None
+    """Flags, data, process group (when launched on many processes), model; an InputError for bad input."""
+    if args.resume:
+        check_resume(args)
+    else:
+        check_run_dir(args.out, args.overwrite, args)
+    data = load_dataset(args.data)
+    require_users(data, "val", "test")
+    for sample_size in (args.sample_size, *args.test_sample_sizes):
+        check_sample_size(data, sample_size)
+    rank, world, device = this_process(args.device)
+    model, tokenizer = load_backbone(args.backbone, RecformerForSeqRec, item_texts(data))
+    set_attention(model, args.attention)
+    if world > 1:
+        rank0_first(lambda: fill_caches(data, tokenizer, (args.sample_size, *args.test_sample_sizes)))
+    return prepare(args, data, model, tokenizer, device, rank, world)
 
 
 def main(args: Args) -> FineTuning:
@@ -600,11 +563,31 @@ def main(args: Args) -> FineTuning:
             if stage == 1:  # stage 1 trains against the table of the current encoder
                 refresh_item_table(run)
             training_began = time.time()
-            loss, steps, trained = train_epoch(
-                run, optimizer, schedule, stage=stage, epoch=epoch, first_step=done, max_steps=total_steps - done,
-                scalars=scalars,
-            )  # fmt: skip
-            done += steps
+            run.model.train()
+            histories, labels = training_examples(run.data, run.max_items, run.rng)  # the same on every process
+            loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)  # on the device: no host sync per step
+            seen = 0
+            logged_sum, logged_seen = loss_sum.clone(), 0  # at the last point of the loss curve
+            per_step = run.examples_per_step
+            bar = progress(range(0, len(labels), per_step), desc=f"stage {stage} epoch {epoch}", leave=False)
+            for begin in bar:
+                step_rows = np.arange(begin, min(begin + per_step, len(labels)))
+                seen += backward_step(run, histories, labels, step_rows, loss_sum)
+                run.scaler.step(optimizer)
+                run.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+                schedule.step()
+                run.weights_version += 1
+                done += 1
+                if done % args.log_every == 0:  # reading the loss waits for the device, so not every step
+                    recent, _ = loss_over_processes(loss_sum - logged_sum, seen - logged_seen, run.world)
+                    logged_sum, logged_seen = loss_sum.clone(), seen
+                    bar.set_postfix(loss=f"{recent:.4f}")
+                    scalars.add(done, **{f"stage{stage}/train/loss": recent, f"stage{stage}/train/lr": lr})
+                if done == total_steps:
+                    break
+            loss, trained = loss_over_processes(loss_sum, seen, run.world)
             seconds = time.time() - began
             throughput = trained / (time.time() - training_began)
             began = time.time()

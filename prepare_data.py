@@ -27,7 +27,7 @@ import pickle
 import sys
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Union
@@ -37,18 +37,30 @@ import tyro
 
 from common.cli import Checked, NonNegative, Positive, parse
 from common.data import (
+    CACHE_DIRS,
+    CORPUS_FILES,
+    DATASET_FILES,
+    NUMBERING_FILE,
+    OPTIONAL_DATASET_FILES,
     PAD,
+    PAPER_NEGATIVES_FILE,
+    SPLIT_FILES,
     DatasetError,
     SeqDataset,
-    reject_duplicate_keys,
-    check_replaceable,
-    has_text,
     item_attributes,
     load_dataset,
     read_json,
-    write_dataset,
+    reject_duplicate_keys,
+    smap_fingerprint,
 )
-from common.run import OutputError, ending_in_one_line, progress, save_atomic
+from common.run import (
+    OutputError,
+    ending_in_one_line,
+    progress,
+    protected_path_inside,
+    refuse_file_on_the_way,
+    save_atomic,
+)
 
 Sequences = dict[str, list[str]]
 ItemMeta = dict[str, dict[str, str]]
@@ -214,6 +226,130 @@ Command = Union[
     Annotated[Recbole, tyro.conf.subcommand("recbole")],
     Annotated[PretrainCorpus, tyro.conf.subcommand("pretrain-corpus")],
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the dataset directory (common/data.py reads it)
+
+
+def has_text(attributes: Mapping[str, str]) -> bool:
+    return any(value.strip() for value in attributes.values())
+
+
+def dataset_stats(data: SeqDataset) -> dict:
+    lengths = data.lengths
+    return {
+        "users": data.num_users,
+        "items": data.num_items,
+        "interactions": data.num_interactions,
+        "avg_sequence_length": round(float(lengths.mean()), 4) if len(lengths) else 0.0,
+        "median_sequence_length": float(np.median(lengths)) if len(lengths) else 0.0,
+        "density": data.num_interactions / max(1, data.num_users * data.num_items),
+        "items_without_text": (
+            data.num_items if data.item_text is None else sum(not has_text(a) for a in data.item_text[1:])
+        ),
+    }
+
+
+def _negative_ids(
+    out: Path, negatives: Mapping[str, Sequence[str]], umap: Mapping[str, int], smap: Mapping[str, int]
+) -> dict[int, list[int]]:
+    """{user id: [item id, ...]} of {user key: [item key, ...]} negatives, in the dataset's numbering."""
+    unknown = next((key for key in negatives if key not in umap), None)
+    if unknown is not None:
+        raise DatasetError(f"{out}: negatives for user {unknown!r}, who has no sequence")
+    unknown = next((key for items in negatives.values() for key in items if key not in smap), None)
+    if unknown is not None:
+        raise DatasetError(f"{out}: negative item {unknown!r} is not an item of the dataset")
+    return {umap[user]: [smap[key] for key in items] for user, items in negatives.items()}
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+
+
+def check_replaceable(out: Path, overwrite: bool, config=None) -> None:
+    """Refuse, before any work, an output directory prepare_data.py may not replace: a file, a path under a file,
+    a directory holding the current directory or an input named in `config`, or (unless `overwrite`) a non-empty
+    directory that is not a dataset or corpus this tool wrote. Ours means: its stats.json and layout files are
+    there, and nothing else but optional meta_data.json and the stages' caches (an exported embedding table inside
+    is the user's work, so it needs --overwrite too)."""
+    out = Path(out)
+    refuse_file_on_the_way(out, "dataset directory", DatasetError)
+    if not out.is_dir():
+        return
+    protected = protected_path_inside(out, config)
+    if protected is not None:
+        raise DatasetError(f"{out}: not replaced, it holds {protected}, which this command reads or runs in")
+    if overwrite:
+        return
+    names = {entry.name for entry in out.iterdir()}
+    ours = {*DATASET_FILES, *CORPUS_FILES, *OPTIONAL_DATASET_FILES, *CACHE_DIRS}
+    if names and not (names <= ours and (set(DATASET_FILES) <= names or set(CORPUS_FILES) <= names)):
+        foreign = sorted(names - ours) or ["no stats.json"]
+        raise DatasetError(
+            f"{out}: not a dataset written by prepare_data.py ({', '.join(foreign[:3])}); "
+            "pass --overwrite to replace it with everything in it"
+        )
+
+
+def write_dataset(
+    out: str | Path,
+    sequences: Mapping[str, Sequence[str]],
+    item_meta: Mapping[str, Mapping[str, str]] | None,
+    item_order: Sequence[str] | None = None,
+    numbering_source: str | None = None,
+    negatives: Mapping[str, Sequence[str]] | None = None,
+) -> dict:
+    """Write `sequences` ({user key: [item key, ...] in time order}) as a dataset directory; return its stats.
+
+    Items get 1-based ids in `item_order` (to keep an existing numbering), else in order of first appearance; users
+    in the given order. Leave-one-out split: the last item
+    is the test target, the one before it the validation target, the rest is training history; users with fewer
+    than 3 items keep everything in train. The directory is swapped in atomically (common.run.save_atomic).
+    numbering_source: the importer that kept `item_order` from an smap (recorded in numbering.json with the smap's
+    fingerprint). negatives: {user key: [item key, ...]}, evaluation negatives to store (paper_negatives.json).
+    """
+    out = Path(out)
+    if not sequences:
+        raise DatasetError(f"{out}: no user sequences to write")
+    smap: dict[str, int] = {key: number for number, key in enumerate(item_order or (), start=1)}
+    umap: dict[str, int] = {}
+    train, val, test = {}, {}, {}
+    for user_key, item_sequence in sequences.items():
+        if not item_sequence:
+            raise DatasetError(f"{out}: user {user_key!r} has an empty sequence")
+        user = umap.setdefault(user_key, len(umap) + 1)
+        ids = [smap.setdefault(key, len(smap) + 1) for key in item_sequence]
+        if len(ids) < 3:
+            train[user] = ids
+        else:
+            train[user], val[user], test[user] = ids[:-2], ids[-2:-1], ids[-1:]
+    if item_meta is not None:
+        missing = next((key for key in smap if key not in item_meta), None)
+        if missing is not None:
+            raise DatasetError(f"{out}: item {missing!r} has no meta data")
+    negative_ids = None if negatives is None else _negative_ids(out, negatives, umap, smap)
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        for name, split in zip(SPLIT_FILES, (train, val, test)):
+            _write_json(tmp / name, split)
+        _write_json(tmp / "smap.json", smap)
+        _write_json(tmp / "umap.json", umap)
+        if item_meta is not None:
+            _write_json(tmp / "meta_data.json", {key: dict(item_meta[key]) for key in smap})
+        if numbering_source is not None:
+            numbering = {"source": numbering_source, "smap_fingerprint": smap_fingerprint(list(smap))}
+            _write_json(tmp / NUMBERING_FILE, numbering)
+        if negatives is not None:
+            _write_json(tmp / PAPER_NEGATIVES_FILE, negative_ids)
+        stats = dataset_stats(load_dataset(tmp, verbose=False))
+        _write_json(tmp / "stats.json", stats)
+
+    save_atomic(out, build)
+    return json.loads((out / "stats.json").read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -941,8 +1077,5 @@ def run(args: Command) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        with ending_in_one_line():
-            run(parse(Command))
-    except DatasetError as error:
-        raise SystemExit(f"error: {error}") from None
+    with ending_in_one_line():
+        run(parse(Command))

@@ -49,6 +49,7 @@ from common.distributed import (
 )
 from common.recformer_data import build_batch, cached_item_tokens
 from common.run import (
+    InputError,
     Scalars,
     append_jsonl,
     check_run_dir,
@@ -61,7 +62,7 @@ from common.run import (
     save_atomic,
     to_device,
 )
-from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
+from recformer.convert_recformer import load_backbone, save_checkpoint
 from recformer.modeling_recformer import IGNORE_INDEX, RecformerForPretraining, set_attention
 from recformer.tokenization_recformer import NAME_TYPE, VALUE_TYPE, ItemTokens
 
@@ -125,11 +126,6 @@ class Args(Checked):
 
 
 # ---------------------------------------------------------------------------------------------------------- corpus
-
-
-class InputError(ValueError):
-    """The corpus cannot be read or the arguments do not fit it; the message names the file and the problem in one
-    line."""
 
 
 @dataclass
@@ -711,8 +707,5 @@ def main(args: Args) -> tuple[Path, deepspeed.DeepSpeedEngine]:
 
 if __name__ == "__main__":
     with ending_in_one_line("best", "deepspeed", resumable=True):
-        try:
-            main(parse_launched(Args))
-        except (InputError, DatasetError, BackboneError) as error:
-            raise SystemExit(f"error: {error}") from None
+        main(parse_launched(Args))
     leave_process_group()

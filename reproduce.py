@@ -22,7 +22,9 @@ answers the main question first (random against finetune, full ranking, both mod
 output goes to <out>/logs/<task>.log; the grid's own log (<out>/grid.log and the terminal) says which task of how
 many starts and ends when.
 
-The grid resumes: a run or table that holds its result is skipped, a run directory left by a crash (no readable
+Ctrl-C or SIGTERM stops the grid in one line (exit status 130): the running tasks' processes are ended with it
+(a worker whose grid process died, even by SIGKILL, ends itself within a second), so no orphan goes on writing into
+--out. The grid resumes: a run or table that holds its result is skipped, a run directory left by a crash (no readable
 test_metrics.json) is removed and redone, and a killed fine-tuning goes on from its last finished epoch
 (finetune_recformer.py --resume). On another machine, --reuse DIR takes the finished cells that --publish DIR
 copied there (their config.json, metrics.jsonl and test_metrics.json; the fine-tuning, whose checkpoints are not
@@ -40,27 +42,31 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 import export_embeddings
 import finetune_recformer
 import train_bert4rec
 import train_sasrec
 from common.cli import Checked, Device, NonNegative, Positive, Seed, parse
-from common.data import DatasetError, SeqDataset, load_dataset
-from common.embeddings import STAGE_TABLE_FILE
+from common.data import SeqDataset, load_dataset
+from common.embeddings import STAGE_TABLE_FILE, table_values_sha256
 from common.evaluation import check_sample_size, protocol
-from common.run import progress, save_atomic, write_json_atomic
+from common.run import INTERRUPTED, InputError, progress, save_atomic, write_json_atomic
 from recformer.convert_recformer import MINILM
 
 TRAINERS = {"sasrec": train_sasrec, "bert4rec": train_bert4rec}
@@ -303,6 +309,8 @@ def perform_in_child(args: Args, task: Task, threads: int, log: Path) -> str | N
         with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
             try:
                 perform(args, task)
+            except InputError as error:
+                return f"error: {error}"
             except SystemExit as error:
                 return str(error.code)
             except Exception as error:  # noqa: BLE001 - reported as the task's failure, the grid goes on
@@ -364,6 +372,34 @@ class GridLog:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def start_worker(grid_pid: int) -> None:
+    """Initializer of a --jobs worker: Ctrl-C is the grid process's to handle (it ends the workers), and a worker
+    whose grid process is gone (killed, even with SIGKILL) exits instead of going on alone. tqdm's bars take a
+    thread lock here, not their default interprocess one, which a worker ended by SIGTERM could not release (the
+    resource tracker would then warn of a leaked semaphore)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == grid_pid:
+            time.sleep(1)
+        os._exit(INTERRUPTED)
+
+    threading.Thread(target=exit_when_orphaned, daemon=True).start()
+
+
+@contextlib.contextmanager
+def ending_workers_on_interrupt():
+    """On Ctrl-C or SIGTERM end the workers too (SIGTERM: a cell dies at once, its directory is redone on the next
+    call; a fine-tuning goes on from its last finished epoch), before the pool would wait for their tasks."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for worker in active_children():
+            worker.terminate()
+        raise
 
 
 def threads_per_job(args: Args) -> int:
@@ -431,13 +467,18 @@ def run_tasks(args: Args, tasks: list[Task]) -> dict[str, str]:
             try:
                 perform(args, task)
                 error = None
+            except InputError as bad:
+                error = f"error: {bad}"
             except SystemExit as stop:
                 error = str(stop.code)
             finish(task, began, error)
         log.close()
         return failed
 
-    with worker_environment(threads), ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(
+        args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(os.getpid(),)
+    )
+    with worker_environment(threads), pool, ending_workers_on_interrupt():
         while pending or running:
             for task in [t for t in pending if blocked(t)]:
                 pending.remove(task)
@@ -478,8 +519,8 @@ def check_settings(run_dir: Path, settings) -> None:
     wanted = grid_relative(json.loads(json.dumps(asdict(settings), default=str)))  # paths as strings, as stored
     differing = sorted(key for key in wanted if key not in NOT_SETTINGS and recorded.get(key) != wanted[key])
     if differing:
-        raise SystemExit(
-            f"error: {run_dir}: finished with other settings ({', '.join(differing)}); use another --out or remove it"
+        raise InputError(
+            f"{run_dir}: finished with other settings ({', '.join(differing)}); use another --out or remove it"
         )
 
 
@@ -529,23 +570,23 @@ def publish(args: Args, done: list[Cell]) -> None:
 
 
 def table_digests(path: Path) -> dict:
-    """sha256 of a table file's bytes (what a run's config.json records) and of its values alone: two exports of
+    """sha256 of a table file's bytes and of its values alone (both recorded in a run's config.json): two exports of
     the same vectors differ in bytes (safetensors writes its metadata in no fixed order) but not in values."""
-    values = hashlib.sha256()
-    with safe_open(str(path), framework="np") as table:
-        for name in sorted(table.keys()):
-            values.update(table.get_tensor(name).tobytes())
-    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "values_sha256": values.hexdigest()}
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "values_sha256": table_values_sha256(path)}
 
 
 def table_mismatches(args: Args, records: list[dict], tables: dict[str, dict]) -> int:
     """PLM runs that started from other vectors than <out>/tables/ holds now (runs reused from a grid whose export
-    gave other values, e.g. another machine's arithmetic); the --reuse directory's tables.json says which values
-    its runs' files held."""
+    gave other values, e.g. another machine's arithmetic). A run's config.json records its table's values digest;
+    for runs made before it did, the --reuse directory's tables.json says which values their files held."""
     reused = args.reuse / TABLES_FILE if args.reuse is not None else None
     known = [*tables.values(), *(json.loads(reused.read_text()).values() if reused and reused.exists() else [])]
     values_of = {digests["sha256"]: digests["values_sha256"] for digests in known}
-    return sum(values_of.get(record["item_table_sha256"]) != tables.get(record["start"], {}).get("values_sha256")
+
+    def values(record: dict) -> str | None:
+        return record["item_table_values_sha256"] or values_of.get(record["item_table_sha256"])
+
+    return sum(values(record) != tables.get(record["start"], {}).get("values_sha256")
                for record in records if record["start"] not in ("random", "recformer"))  # fmt: skip
 
 
@@ -569,6 +610,7 @@ def read_run(args: Args, cell: Cell, parameters: int) -> dict:
         "protocol": cell.protocol,
         "run_dir": str(run_dir),
         "item_table_sha256": table.get("sha256"),
+        "item_table_values_sha256": table.get("values_sha256"),
         "test": test,
         "val_ndcg10": [epoch["NDCG@10"] for epoch in epochs],
         "train_seconds": sum(epoch["train_seconds"] for epoch in epochs),
@@ -784,31 +826,28 @@ def _curves(axis, entries: list[dict], backbone: str) -> None:
 
 
 def check_flags(args: Args) -> SeqDataset:
-    """Every flag checked before anything is trained or exported: one line and exit 2 for the first problem.
+    """Every flag checked before anything is trained or exported: an InputError (one line) for the first problem.
     Returns the dataset it loaded to check them."""
     if not args.seeds or not args.models or not args.transforms or not args.sample_sizes:
-        raise SystemExit("error: --seeds, --models, --transforms and --sample-sizes each need at least one value")
+        raise InputError("--seeds, --models, --transforms and --sample-sizes each need at least one value")
     if args.pretrained and not Path(args.pretrained).exists():
-        raise SystemExit(f"error: --pretrained: {args.pretrained} not found")
+        raise InputError(f"--pretrained: {args.pretrained} not found")
     if args.reuse is not None and not (args.reuse / "runs").is_dir():
-        raise SystemExit(f"error: --reuse: {args.reuse} holds no runs/ directory (reproduce.py --publish writes one)")
+        raise InputError(f"--reuse: {args.reuse} holds no runs/ directory (reproduce.py --publish writes one)")
     for flag, path in (("--reuse", args.reuse), ("--publish", args.publish)):
         if path is not None and path.resolve() == args.out.resolve():
-            raise SystemExit(f"error: {flag}: {path} is --out itself; name another directory")
+            raise InputError(f"{flag}: {path} is --out itself; name another directory")
     if args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"error: --out: {args.out} is a file, not a grid directory")
+        raise InputError(f"--out: {args.out} is a file, not a grid directory")
     if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / GRID_FILE).exists():
         if not (args.out / "results.json").exists():  # grids written before grid.json existed have results.json
-            raise SystemExit(
-                f"error: --out: {args.out} is not empty and holds no grid of reproduce.py ({GRID_FILE}); "
+            raise InputError(
+                f"--out: {args.out} is not empty and holds no grid of reproduce.py ({GRID_FILE}); "
                 "choose an empty or new directory"
             )
-    try:
-        data = load_dataset(args.data)
-        for sample_size in {*args.sample_sizes, args.finetune_sample_size if args.finetune_epochs else 0}:
-            check_sample_size(data, sample_size)
-    except DatasetError as error:
-        raise SystemExit(f"error: {error}") from None
+    data = load_dataset(args.data)
+    for sample_size in {*args.sample_sizes, args.finetune_sample_size if args.finetune_epochs else 0}:
+        check_sample_size(data, sample_size)
     return data
 
 
@@ -827,7 +866,7 @@ def main(args: Args) -> dict:
         write_json_atomic(args.out / GRID_FILE, {"args": args})
         failed = run_tasks(args, tasks)
     elif not table_path(args, "longformer").exists():
-        raise SystemExit(f"error: --report-only: {args.out} holds no tables/longformer.safetensors yet")
+        raise InputError(f"--report-only: {args.out} holds no tables/longformer.safetensors yet")
     done = finished_cells(args, starts)
     parameters = {model: parameter_count(args, model, num_items) for model in {cell.model for cell in done}}
     records = [read_run(args, cell, parameters[cell.model]) for cell in done]
@@ -855,5 +894,26 @@ def main(args: Args) -> dict:
     return {"runs": records, "summary": summary}
 
 
+@contextlib.contextmanager
+def stopping_in_one_line(out: Path):
+    """Around main(): bad input ends the grid with one line (exit status 1), Ctrl-C or SIGTERM (the same, here)
+    with one line and exit status 130."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a launcher's SIGTERM may follow the terminal's SIGINT
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"interrupted: the grid in {out} stopped; its finished tasks are kept, and the same command goes on "
+              "from them", file=sys.stderr)  # fmt: skip
+        raise SystemExit(INTERRUPTED) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 if __name__ == "__main__":
-    main(parse(Args))
+    arguments = parse(Args)
+    with stopping_in_one_line(arguments.out):
+        main(arguments)

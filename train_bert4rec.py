@@ -34,8 +34,8 @@ from einops import rearrange
 from torch import nn
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed, at_least, between, parse
-from common.data import PAD, DatasetError, SeqDataset, load_dataset
-from common.embeddings import EmbeddingFileError, announce_item_table, plm_init, refuse_plm_flags_without_plm, run_tag
+from common.data import PAD, SeqDataset, load_dataset
+from common.embeddings import announce_item_table, plm_init, refuse_plm_flags_without_plm, run_tag
 from common.evaluation import (
     Scorer,
     check_sample_size,
@@ -47,7 +47,7 @@ from common.evaluation import (
 )
 from common.run import (
     EarlyStopping,
-    OutputError,
+    InputError,
     Scalars,
     allocate,
     append_jsonl,
@@ -279,34 +279,29 @@ def evaluate_split(
 def main(args: Args) -> dict[str, float]:
     seed_everything(args.seed)
     device = resolve_device(args.device)
-    try:
-        check_run_dir(args.out, args.overwrite, args)
-        data = load_dataset(args.data)
-        require_users(data, "val", "test")
-        check_sample_size(data, args.sample_size)
-        table, width = plm_init(
-            data,
-            args.init_type,
-            args.embeddings,
-            args.hidden_size,
-            args.project,
-            args.init_transform,
-            lambda dim: RANDOM_TOKEN_STD,
-            args.embeddings_smap,
-        )
-        item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
-        args = dataclasses.replace(args, hidden_size=width)
-        if args.hidden_size % args.num_heads:
-            raise SystemExit(
-                f"error: --num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads"
-            )
-        model = allocate(lambda: BERT4Rec(data.num_items, args), "--hidden-size", args.hidden_size)
-        if table is not None:
-            mask_row = table.new_zeros(1, table.shape[1])  # the paper gives the mask token a zero vector
-            model.token_emb.weight.data.copy_(torch.cat([table, mask_row]))
-            model.token_emb.weight.requires_grad_(not args.freeze_embeddings)
-    except (DatasetError, EmbeddingFileError, OutputError) as error:
-        raise SystemExit(f"error: {error}") from None
+    check_run_dir(args.out, args.overwrite, args)
+    data = load_dataset(args.data)
+    require_users(data, "val", "test")
+    check_sample_size(data, args.sample_size)
+    table, width = plm_init(
+        data,
+        args.init_type,
+        args.embeddings,
+        args.hidden_size,
+        args.project,
+        args.init_transform,
+        lambda dim: RANDOM_TOKEN_STD,
+        args.embeddings_smap,
+    )
+    item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
+    args = dataclasses.replace(args, hidden_size=width)
+    if args.hidden_size % args.num_heads:
+        raise InputError(f"--num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")
+    model = allocate(lambda: BERT4Rec(data.num_items, args), "--hidden-size", args.hidden_size)
+    if table is not None:
+        mask_row = table.new_zeros(1, table.shape[1])  # the paper gives the mask token a zero vector
+        model.token_emb.weight.data.copy_(torch.cat([table, mask_row]))
+        model.token_emb.weight.requires_grad_(not args.freeze_embeddings)
     model.to(device)
     sequences = torch.from_numpy(data.train_matrix(args.max_len)).to(device)  # (U, max_len) left-padded
     # As nanoGPT does it: with --compile `model` becomes torch.compile's wrapper, which runs the forward passes and

@@ -35,7 +35,7 @@ from torch import nn
 
 from common.cli import Checked, Device, Dtype, NonNegative, OutputDir, Positive, Seed, between, parse
 from common.data import PAD, DatasetError, SeqDataset, load_dataset
-from common.embeddings import EmbeddingFileError, announce_item_table, plm_init, refuse_plm_flags_without_plm, run_tag
+from common.embeddings import announce_item_table, plm_init, refuse_plm_flags_without_plm, run_tag
 from common.evaluation import (
     Scorer,
     check_sample_size,
@@ -47,7 +47,7 @@ from common.evaluation import (
 )
 from common.run import (
     EarlyStopping,
-    OutputError,
+    InputError,
     Scalars,
     allocate,
     append_jsonl,
@@ -333,37 +333,32 @@ def main(args: Args) -> dict[str, float]:
     seed_everything(args.seed)
     device = resolve_device(args.device)
     loss_name = args.loss if args.loss != "auto" else ("bce" if args.sample_size > 0 else "ce")
-    try:
-        check_run_dir(args.out, args.overwrite, args)
-        data = load_dataset(args.data)
-        require_users(data, "val", "test")
-        check_sample_size(data, args.sample_size)
-        users, inputs, targets = next_item_pairs(data, args.max_len)
-        history_keys = training_history_keys(data).to(device) if loss_name == "bce" else None
-        table, width = plm_init(
-            data,
-            args.init_type,
-            args.embeddings,
-            args.hidden_size,
-            args.project,
-            args.init_transform,
-            lambda dim: xavier_item_std(data.num_items, dim),
-            args.embeddings_smap,
-        )
-        item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
-        args = dataclasses.replace(args, hidden_size=width)
-        if args.hidden_size % args.num_heads:
-            raise SystemExit(
-                f"error: --num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads"
-            )
-        model = allocate(lambda: SASRec(data.num_items, args), "--hidden-size", args.hidden_size)
-        if table is not None:
-            model.item_emb.weight.data.copy_(table)
-            model.item_emb.weight.requires_grad_(not args.freeze_embeddings)
-    except (DatasetError, EmbeddingFileError, OutputError) as error:
-        raise SystemExit(f"error: {error}") from None
+    check_run_dir(args.out, args.overwrite, args)
+    data = load_dataset(args.data)
+    require_users(data, "val", "test")
+    check_sample_size(data, args.sample_size)
+    users, inputs, targets = next_item_pairs(data, args.max_len)
+    history_keys = training_history_keys(data).to(device) if loss_name == "bce" else None
+    table, width = plm_init(
+        data,
+        args.init_type,
+        args.embeddings,
+        args.hidden_size,
+        args.project,
+        args.init_transform,
+        lambda dim: xavier_item_std(data.num_items, dim),
+        args.embeddings_smap,
+    )
+    item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
+    args = dataclasses.replace(args, hidden_size=width)
+    if args.hidden_size % args.num_heads:
+        raise InputError(f"--num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")
+    model = allocate(lambda: SASRec(data.num_items, args), "--hidden-size", args.hidden_size)
+    if table is not None:
+        model.item_emb.weight.data.copy_(table)
+        model.item_emb.weight.requires_grad_(not args.freeze_embeddings)
     if len(users) == 0:
-        raise SystemExit(f"error: {args.data}: no user has two training items to learn from")
+        raise DatasetError(f"{args.data}: no user has two training items to learn from")
     model.to(device)
     users, inputs, targets = users.to(device), inputs.to(device), targets.to(device)
     # As nanoGPT does it: with --compile `model` becomes torch.compile's wrapper, which runs the forward passes and

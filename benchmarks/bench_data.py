@@ -14,8 +14,9 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.data import load_dataset, write_dataset  # noqa: E402
+from common.data import load_dataset  # noqa: E402
 from common.evaluation import sample_negatives  # noqa: E402
+from prepare_data import write_dataset  # noqa: E402
 
 
 @dataclass

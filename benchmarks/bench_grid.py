@@ -20,8 +20,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reproduce  # noqa: E402
-from common.data import write_dataset  # noqa: E402
-from prepare_data import synthetic_catalogue  # noqa: E402
+from prepare_data import synthetic_catalogue, write_dataset  # noqa: E402
 
 
 @dataclass

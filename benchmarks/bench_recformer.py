@@ -47,7 +47,7 @@ from common.recformer_data import (  # noqa: E402
     sequence_token_counts,
     token_budget_chunks,
 )
-from common.run import Scalars, resolve_device, seed_everything, to_device  # noqa: E402
+from common.run import resolve_device, seed_everything, to_device  # noqa: E402
 from recformer.configuration_recformer import RecformerConfig  # noqa: E402
 from recformer.convert_recformer import load_backbone  # noqa: E402
 from recformer.modeling_recformer import RecformerForSeqRec, RecformerModel, set_attention  # noqa: E402
@@ -215,18 +215,28 @@ def item_subset(tokens: ItemTokens, items: np.ndarray) -> ItemTokens:
     return ItemTokens(tokens.input_ids[source], tokens.token_types[source], tokens.word_starts[source], offsets)
 
 
+def training_steps(run: finetune_recformer.FineTuning, optimizer, steps: int) -> None:
+    """`steps` optimizer steps of fine-tuning's stage 1 as its loop in main() takes them (no schedule, no logging)."""
+    run.model.train()
+    histories, labels = finetune_recformer.training_examples(run.data, run.max_items, run.rng)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for begin in range(0, min(steps * run.examples_per_step, len(labels)), run.examples_per_step):
+        step_rows = np.arange(begin, min(begin + run.examples_per_step, len(labels)))
+        finetune_recformer.backward_step(run, histories, labels, step_rows, loss_sum)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def stage_estimates(data, args: Args) -> None:
     """Whole-dataset stage times of MiniLM with the fast attention, extrapolated from a few real batches."""
     finetune_args = finetune_recformer.Args(data=args.data, device=args.device, dtype=args.dtype, seed=args.seed)
     model, tokenizer = load_backbone(minilm_path(), RecformerForSeqRec)
     run = finetune_recformer.prepare(finetune_args, data, model, tokenizer)
     model.set_item_table(torch.randn(data.num_items + 1, model.config.hidden_size, device=run.device))
-    optimizer, schedule = finetune_recformer.optimizer_and_schedule(model, finetune_args, 100)
+    optimizer, _ = finetune_recformer.optimizer_and_schedule(model, finetune_args, 100)
     steps = args.stage_steps
-    no_scalars = Scalars(Path(), enabled=False)
-    train = seconds_of(lambda: finetune_recformer.train_epoch(
-        run, optimizer, schedule, stage=1, epoch=1, first_step=0, max_steps=steps, scalars=no_scalars,
-    )) / steps  # fmt: skip
+    train = seconds_of(lambda: training_steps(run, optimizer, steps)) / steps
     per_step = finetune_args.batch_size * finetune_args.grad_accum
     steps_per_epoch = -(-len(np.flatnonzero(data.train_len > 0)) // per_step)
 

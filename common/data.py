@@ -8,7 +8,7 @@ A dataset is a directory in the layout of Recformer's processed fine-tuning data
     smap.json   {original item key: item_id}
     umap.json   {original user key: user_id}
     meta_data.json {original item key: {attribute: text, ...}}   (optional: absent for ID-only datasets)
-    stats.json  summary written by `write_dataset`
+    stats.json  summary written by prepare_data.py
     numbering.json  {"source": importer, "smap_fingerprint": ...}   (optional: the item numbering is an imported
                 smap's, so the paper's bare-tensor embedding files fit it; see common/embeddings.py)
     paper_negatives.json {user_id: [item_id, ...]}   (optional: the paper's sampled evaluation negatives)
@@ -25,13 +25,13 @@ import functools
 import hashlib
 import itertools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.run import protected_path_inside, refuse_file_on_the_way, save_atomic
+from common.run import InputError
 
 PAD = 0
 SPLIT_FILES = ("train.json", "val.json", "test.json")
@@ -43,7 +43,7 @@ PAPER_NEGATIVES_FILE = "paper_negatives.json"
 OPTIONAL_DATASET_FILES = ("meta_data.json", NUMBERING_FILE, PAPER_NEGATIVES_FILE)
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset file is missing or inconsistent; the message names the file and the problem in one line."""
 
 
@@ -399,121 +399,3 @@ def _load_item_text(path: Path, item_keys: list[str]) -> list[dict[str, str]] | 
     return item_text
 
 
-def has_text(attributes: Mapping[str, str]) -> bool:
-    return any(value.strip() for value in attributes.values())
-
-
-def dataset_stats(data: SeqDataset) -> dict:
-    lengths = data.lengths
-    return {
-        "users": data.num_users,
-        "items": data.num_items,
-        "interactions": data.num_interactions,
-        "avg_sequence_length": round(float(lengths.mean()), 4) if len(lengths) else 0.0,
-        "median_sequence_length": float(np.median(lengths)) if len(lengths) else 0.0,
-        "density": data.num_interactions / max(1, data.num_users * data.num_items),
-        "items_without_text": (
-            data.num_items if data.item_text is None else sum(not has_text(a) for a in data.item_text[1:])
-        ),
-    }
-
-
-def _negative_ids(
-    out: Path, negatives: Mapping[str, Sequence[str]], umap: Mapping[str, int], smap: Mapping[str, int]
-) -> dict[int, list[int]]:
-    """{user id: [item id, ...]} of {user key: [item key, ...]} negatives, in the dataset's numbering."""
-    unknown = next((key for key in negatives if key not in umap), None)
-    if unknown is not None:
-        raise DatasetError(f"{out}: negatives for user {unknown!r}, who has no sequence")
-    unknown = next((key for items in negatives.values() for key in items if key not in smap), None)
-    if unknown is not None:
-        raise DatasetError(f"{out}: negative item {unknown!r} is not an item of the dataset")
-    return {umap[user]: [smap[key] for key in items] for user, items in negatives.items()}
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
-
-
-def check_replaceable(out: Path, overwrite: bool, config=None) -> None:
-    """Refuse, before any work, an output directory prepare_data.py may not replace: a file, a path under a file,
-    a directory holding the current directory or an input named in `config`, or (unless `overwrite`) a non-empty
-    directory that is not a dataset or corpus this tool wrote. Ours means: its stats.json and layout files are
-    there, and nothing else but optional meta_data.json and the stages' caches (an exported embedding table inside
-    is the user's work, so it needs --overwrite too)."""
-    out = Path(out)
-    refuse_file_on_the_way(out, "dataset directory", DatasetError)
-    if not out.is_dir():
-        return
-    protected = protected_path_inside(out, config)
-    if protected is not None:
-        raise DatasetError(f"{out}: not replaced, it holds {protected}, which this command reads or runs in")
-    if overwrite:
-        return
-    names = {entry.name for entry in out.iterdir()}
-    ours = {*DATASET_FILES, *CORPUS_FILES, *OPTIONAL_DATASET_FILES, *CACHE_DIRS}
-    if names and not (names <= ours and (set(DATASET_FILES) <= names or set(CORPUS_FILES) <= names)):
-        foreign = sorted(names - ours) or ["no stats.json"]
-        raise DatasetError(
-            f"{out}: not a dataset written by prepare_data.py ({', '.join(foreign[:3])}); "
-            "pass --overwrite to replace it with everything in it"
-        )
-
-
-def write_dataset(
-    out: str | Path,
-    sequences: Mapping[str, Sequence[str]],
-    item_meta: Mapping[str, Mapping[str, str]] | None,
-    item_order: Sequence[str] | None = None,
-    numbering_source: str | None = None,
-    negatives: Mapping[str, Sequence[str]] | None = None,
-) -> dict:
-    """Write `sequences` ({user key: [item key, ...] in time order}) as a dataset directory; return its stats.
-
-    Items get 1-based ids in `item_order` (to keep an existing numbering), else in order of first appearance; users
-    in the given order. Leave-one-out split: the last item
-    is the test target, the one before it the validation target, the rest is training history; users with fewer
-    than 3 items keep everything in train. The directory is swapped in atomically (common.run.save_atomic).
-    numbering_source: the importer that kept `item_order` from an smap (recorded in numbering.json with the smap's
-    fingerprint). negatives: {user key: [item key, ...]}, evaluation negatives to store (paper_negatives.json).
-    """
-    out = Path(out)
-    if not sequences:
-        raise DatasetError(f"{out}: no user sequences to write")
-    smap: dict[str, int] = {key: number for number, key in enumerate(item_order or (), start=1)}
-    umap: dict[str, int] = {}
-    train, val, test = {}, {}, {}
-    for user_key, item_sequence in sequences.items():
-        if not item_sequence:
-            raise DatasetError(f"{out}: user {user_key!r} has an empty sequence")
-        user = umap.setdefault(user_key, len(umap) + 1)
-        ids = [smap.setdefault(key, len(smap) + 1) for key in item_sequence]
-        if len(ids) < 3:
-            train[user] = ids
-        else:
-            train[user], val[user], test[user] = ids[:-2], ids[-2:-1], ids[-1:]
-    if item_meta is not None:
-        missing = next((key for key in smap if key not in item_meta), None)
-        if missing is not None:
-            raise DatasetError(f"{out}: item {missing!r} has no meta data")
-    negative_ids = None if negatives is None else _negative_ids(out, negatives, umap, smap)
-
-    def build(tmp: Path) -> None:
-        tmp.mkdir()
-        for name, split in zip(SPLIT_FILES, (train, val, test)):
-            _write_json(tmp / name, split)
-        _write_json(tmp / "smap.json", smap)
-        _write_json(tmp / "umap.json", umap)
-        if item_meta is not None:
-            _write_json(tmp / "meta_data.json", {key: dict(item_meta[key]) for key in smap})
-        if numbering_source is not None:
-            numbering = {"source": numbering_source, "smap_fingerprint": smap_fingerprint(list(smap))}
-            _write_json(tmp / NUMBERING_FILE, numbering)
-        if negatives is not None:
-            _write_json(tmp / PAPER_NEGATIVES_FILE, negative_ids)
-        stats = dataset_stats(load_dataset(tmp, verbose=False))
-        _write_json(tmp / "stats.json", stats)
-
-    save_atomic(out, build)
-    return json.loads((out / "stats.json").read_text(encoding="utf-8"))

@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from common.cli import parse
+from common.run import InputError, resolve_device
 
 T = TypeVar("T")
 
 
-class LaunchError(Exception):
+class LaunchError(InputError):
     """A flag that does not fit a launch on many processes."""
 
 
@@ -62,6 +63,17 @@ def init_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
         here = torch.device("cpu")
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), here
+
+
+def this_process(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process for a stage that may run on many: in the launcher's process group
+    when it started several (init_distributed), else (0, 1, `device` resolved) without one; only rank 0 prints."""
+    if launched_processes() > 1:
+        rank, world, here = init_distributed(device)
+    else:
+        rank, world, here = 0, 1, resolve_device(device)
+    silence_other_ranks(rank)
+    return rank, world, here
 
 
 def leave_process_group() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from common.cli import FlagError
 from common.data import SeqDataset, read_smap
-from common.run import load_torch_file, save_atomic
+from common.run import InputError, load_torch_file, save_atomic
 
 TENSOR_NAME = "item_embeddings"
 STAGE_TABLE_FILE = "item_table.safetensors"  # beside a fine-tuning stage's checkpoint: the table its validation used
@@ -28,7 +28,7 @@ PAPER_HIDDEN_SIZE = 768
 WHITEN_EPS = 1e-6  # relative floor of the eigenvalues PCA-whitening divides by
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(InputError):
     """An embedding file does not fit the dataset; the message names the file and the problem in one line."""
 
 
@@ -50,14 +50,6 @@ def save_item_embeddings(path: Path, table: torch.Tensor, data: SeqDataset, chec
         "num_items": str(data.num_items),
     }
     save_atomic(Path(path), lambda tmp: save_file({TENSOR_NAME: table}, str(tmp), metadata=metadata))
-
-
-def save_paper_layout(path: Path, table: torch.Tensor) -> None:
-    """Write `table` (num_items + 1, d) as the paper's code saves and reads item tables: torch.save of a bare float32
-    tensor, row 0 zeros (SASRec's and BERT4Rec's `init_item_embedding` take it as is)."""
-    table = table.detach().float().cpu().contiguous().clone()
-    table[0] = 0.0
-    save_atomic(Path(path), lambda tmp: torch.save(table, tmp))
 
 
 def _read_table(path: Path) -> tuple[torch.Tensor, dict[str, str] | None]:
@@ -286,15 +278,33 @@ def plm_table_path(data: SeqDataset, embeddings: Path | None) -> Path:
 
 def announce_item_table(data: SeqDataset, init_type: str, embeddings: Path | None, transform: str) -> dict | None:
     """What a recommender's PLM item table is, printed as the run's first line and returned for its config.json:
-    the resolved file, the sha256 of its bytes (a re-exported table is told apart from the one a run used) and the
-    --init-transform; None without --init-type plm."""
+    the resolved file, the sha256 of its bytes (a re-exported table is told apart from the one a run used) and of
+    its values alone (see table_values_sha256), and the --init-transform; None without --init-type plm."""
     if init_type != "plm":
         return None
     path = plm_table_path(data, embeddings)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    record = {"path": str(path.resolve()), "sha256": digest, "transform": transform}
+    record = {
+        "path": str(path.resolve()),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "values_sha256": table_values_sha256(path),
+        "transform": transform,
+    }
     print(f"item table {record['path']} (sha256 {record['sha256']}), --init-transform {transform}")
     return record
+
+
+def table_values_sha256(path: Path) -> str:
+    """sha256 of the values in an item-table file (every tensor's bytes, by tensor name), not of the file: two
+    exports of equal vectors differ in bytes, since safetensors writes its metadata in no fixed order."""
+    try:
+        with safe_open(str(path), framework="pt") as table:
+            tensors = [table.get_tensor(name) for name in sorted(table.keys())]
+    except (SafetensorError, OSError, ValueError):
+        tensors = [load_torch_file(path)]  # the paper's bare tensor
+    values = hashlib.sha256()
+    for tensor in tensors:
+        values.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return values.hexdigest()
 
 
 def run_tag(item_table: dict | None) -> str:

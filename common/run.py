@@ -79,7 +79,13 @@ def _jsonable(value):
     return value
 
 
-class OutputError(ValueError):
+class InputError(ValueError):
+    """Input a run cannot use: a dataset, table or checkpoint file, a flag that does not fit them, an output path.
+    The message names the file or flag and the problem in one line; ending_in_one_line prints it as the run's one
+    line (`error: ...`, exit status 1). Every module's error type for bad input derives from it."""
+
+
+class OutputError(InputError):
     """An output path cannot be used (it holds something else, or lies under a file); one line naming the path."""
 
 
@@ -278,7 +284,7 @@ def refuse_file_on_the_way(out: Path, kind: str, error: type[Exception]) -> None
         raise error(f"{out}: cannot be a {kind}, {blocker} is a file")
 
 
-def _input_paths(config) -> list[Path]:
+def input_paths(config) -> list[Path]:
     """The existing paths named by the fields of a configuration dataclass other than `out` (Path values, and
     strings such as a backbone directory), flattening tuples of paths."""
     if not dataclasses.is_dataclass(config):
@@ -293,39 +299,7 @@ def protected_path_inside(out: Path, config) -> Path | None:
     """The current directory or an input `config` names when it lies in `out` (or is `out`): what replacing or
     emptying `out` would delete, though no one asked for that; else None."""
     out = Path(out).resolve()
-    return next((p for p in [Path.cwd(), *_input_paths(config)] if p.resolve().is_relative_to(out)), None)
-
-
-def check_output_file(path: Path, overwrite: bool, config=None) -> None:
-    """Refuse, before any work, an output file path that holds a file (unless `overwrite`), cannot hold one, or is
-    one of the inputs `config` names (even with `overwrite`)."""
-    path = Path(path)
-    blocker = file_on_the_way(path.parent)
-    if blocker is not None:
-        raise OutputError(f"{path}: cannot be created, {blocker} is a file")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory, expected a file path")
-    if (dangling := dangling_link_problem(path)) is not None:
-        raise OutputError(f"{path}: {dangling}")
-    read = input_file_at(path, config)
-    if read is not None:
-        raise OutputError(f"{path}: is {read}, which this command reads; choose another output file")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
-
-
-def input_file_at(path: Path, config) -> Path | None:
-    """The input of `config` that writing `path` would replace: an input file itself, or a file directly in an
-    input directory (a dataset's train.json, a checkpoint's model.safetensors); None when there is none. Files in
-    subdirectories of an input (<data>/embeddings/, the caches) are outputs, not inputs."""
-    if not Path(path).exists():
-        return None
-    target = Path(path).resolve()
-    for source in _input_paths(config):
-        source = source.resolve()
-        if target == source or (source.is_dir() and target.parent == source):
-            return source if target == source else target
-    return None
+    return next((p for p in [Path.cwd(), *input_paths(config)] if p.resolve().is_relative_to(out)), None)
 
 
 def check_run_dir(out: Path | None, overwrite: bool, config=None) -> None:
@@ -462,23 +436,20 @@ def _claim(out: Path) -> None:
     _claimed.run_dir, _claimed.created, _claimed.resumed = out, created, False
 
 
-def _interrupt(signum, frame) -> None:
-    """SIGTERM handled as Ctrl-C: the deepspeed launcher, and `kill`, end a run with SIGTERM."""
-    raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def ending_in_one_line(*checkpoints: str, resumable: bool = False) -> Iterator[None]:
-    """Around a stage's main(): Ctrl-C or SIGTERM (exit status 130) or a refused write (a full disk) ends it with one
-    line saying what was kept where. A run directory holds a checkpoint (one of `checkpoints`, names inside it) or
-    nothing: with none written yet, the directory the run claimed is removed (emptied, if the user gave it
-    existing); otherwise it is kept, unfinished (`resumable`: the line says how to go on with --resume). A directory
+    """Around a stage's main(): bad input (an InputError: exit status 1), Ctrl-C or SIGTERM (exit status 130) or a
+    refused write (a full disk) ends it with one line saying what was kept where. A run directory holds a checkpoint
+    (one of `checkpoints`, names inside it) or nothing: with none written yet, the directory the run claimed is
+    removed (emptied, if the user gave it existing); otherwise it is kept, unfinished (`resumable`: the line says
+    how to go on with --resume). A directory
     continued with --resume is never cleared. Of many processes, the one that claimed the directory (rank 0) is the
     one that reports and clears it."""
     _claimed.run_dir = None
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     if in_main_thread:
-        previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _interrupt)
+        # SIGTERM handled as Ctrl-C: the deepspeed launcher, and `kill`, end a run with SIGTERM
+        previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     except KeyboardInterrupt:
@@ -488,7 +459,7 @@ def ending_in_one_line(*checkpoints: str, resumable: bool = False) -> Iterator[N
         left = _what_was_kept(checkpoints, resumable) if _claimed.run_dir else "this process wrote no run directory"
         print(f"interrupted: {left}", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
-    except OutputError as error:  # a refused write, or losing the claim on --out (then nothing is ours)
+    except InputError as error:  # bad input, a refused write, or losing the claim on --out (then nothing is ours)
         left = f"; {_what_was_kept(checkpoints, resumable)}" if _claimed.run_dir else ""
         raise SystemExit(f"error: {error}{left}") from None
     finally:
@@ -526,7 +497,7 @@ def allocate(build: Callable[[], T], flag: str, value) -> T:
         if size is None and not isinstance(error, torch.OutOfMemoryError):
             raise
         tried = f": it tried to allocate {size.group(1)}" if size else ""
-        raise SystemExit(f"error: {flag}: the model does not fit in memory at {value}{tried}") from None
+        raise InputError(f"{flag}: the model does not fit in memory at {value}{tried}") from None
 
 
 class EarlyStopping:

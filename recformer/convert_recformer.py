@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from common.run import load_torch_file, save_atomic
+from common.run import InputError, load_torch_file, save_atomic
 from recformer.configuration_recformer import RecformerConfig
 from recformer.modeling_recformer import RecformerModel
 from recformer.tokenization_recformer import RecformerTokenizer
@@ -39,7 +39,7 @@ from recformer.tokenization_recformer import RecformerTokenizer
 hf_logging.disable_progress_bar()  # save_pretrained's per-shard bar would interleave with the training bars
 
 
-class BackboneError(ValueError):
+class BackboneError(InputError):
     """A backbone cannot be loaded or does not fit; the message says which file and why, in one line."""
 
 

@@ -25,8 +25,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """A small built-in synthetic dataset directory (300 users, 120 items), written once per test session."""
-    from common.data import write_dataset
-    from prepare_data import synthetic_catalogue
+    from prepare_data import synthetic_catalogue, write_dataset
 
     sequences, item_meta = synthetic_catalogue(num_users=300, num_items=120, seed=0)
     out = tmp_path_factory.mktemp("synthetic") / "synthetic"
@@ -48,8 +47,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def scientific(shared_data, tmp_path_factory) -> Path:
     """Amazon Scientific (LC-Rec processing) as an ID-only dataset directory, imported once per session."""
-    from common.data import write_dataset
-    from prepare_data import Lcrec, build_lcrec
+    from prepare_data import Lcrec, build_lcrec, write_dataset
 
     source = shared_data / "scientific"
     sequences, _ = build_lcrec(Lcrec(source / "Scientific.inter.json", source / "Scientific.item.json", None))

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from common.data import PAD, SPLIT_FILES, DatasetError, Sequences, load_dataset, write_dataset
+from common.data import PAD, SPLIT_FILES, DatasetError, Sequences, load_dataset
 from common.evaluation import evaluate
+from prepare_data import write_dataset
 
 SEQUENCES = {"ann": ["a", "b", "c", "d"], "bob": ["b", "c"], "cid": ["e", "a", "b"]}
 META = {key: {"title": f"Title {key}", "brand": "Acme", "category": "Tools"} for key in "abcde"}

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import load_dataset, write_dataset
+from common.data import load_dataset
 from common.evaluation import KS, evaluate, metric_names, result_line, sample_negatives
+from prepare_data import write_dataset
 
 
 def reference_metrics(scores: np.ndarray, targets: np.ndarray, candidate_ok: np.ndarray) -> dict[str, float]:

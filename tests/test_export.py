@@ -12,6 +12,7 @@ import export_embeddings
 import finetune_recformer
 from common.data import load_dataset
 from common.recformer_data import build_batch, dataset_item_tokens
+from common.run import InputError
 from recformer.convert_recformer import load_backbone, save_checkpoint
 from recformer.modeling_recformer import RecformerForSeqRec
 
@@ -105,7 +106,7 @@ def test_run_dtype_comes_only_from_a_run_directorys_config(tiny_checkpoint, tmp_
 
 def test_bad_checkpoint_fails_in_one_line(synthetic_data, tmp_path):
     out = tmp_path / "never.safetensors"
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(InputError) as error:
         export(tmp_path / "missing", synthetic_data, out)
     message = str(error.value)
     assert "missing" in message and "\n" not in message
@@ -118,7 +119,7 @@ def test_dataset_without_text_fails_in_one_line(tiny_checkpoint, synthetic_data,
     stats = json.loads((id_only / "stats.json").read_text())
     assert stats["users"] > 0
     out = tmp_path / "never.safetensors"
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(InputError) as error:
         export(tiny_checkpoint, id_only, out)
     assert "meta_data.json" in str(error.value) and "\n" not in str(error.value)
     assert not out.exists()

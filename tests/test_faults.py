@@ -6,6 +6,7 @@ monkeypatched writes failing with the same errno; Ctrl-C is a real SIGINT to a t
 subprocess under an address-space limit. Stage scripts run in this process as in test_bad_inputs.py.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -161,6 +162,43 @@ def test_ctrl_c_during_training_keeps_the_best_checkpoint(signum, data_copy, tmp
         f"interrupted: kept {out}/best.pt (no test_metrics.json: the run did not finish)"
     ], stderr
     assert "model" in torch.load(out / "best.pt", weights_only=True) and not (out / "test_metrics.json").exists()
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """Live processes whose environment holds REPRODUCE_TEST_TAG=tag (a grid's workers inherit its environment)."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if f"REPRODUCE_TEST_TAG={tag}".encode() in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_grid_leaves_no_worker_behind(signum, data_copy, tmp_path):
+    """reproduce.py --jobs 2, its process alone signalled while two cells train: SIGTERM ends it in one line (exit
+    130) and its workers with it; after a SIGKILL, which it cannot handle, the orphaned workers end themselves. No
+    process goes on writing into --out, and the next call redoes the cut cells."""
+    out, tag = tmp_path / "grid", f"{os.getpid()}-{signum}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO), REPRODUCE_TEST_TAG=tag)
+    command = [sys.executable, str(REPO / "reproduce.py"), "--data", str(data_copy), "--backbone", "tiny", "--out",
+               str(out), "--models", "sasrec", "--transforms", "none", "--seeds", "42", "--sample-sizes", "10",
+               "--finetune-epochs", "0", "--epochs", "1000", "--patience", "1000", "--hidden-size", "16",
+               "--device", "cpu", "--jobs", "2"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=default_sigint)  # fmt: skip
+    both_training = out / "runs" / "sasrec-longformer-none-sampled-10-seed42" / "best.pt"
+    stderr = interrupted_once(process, both_training, lambda: process.send_signal(signum))
+    deadline = time.monotonic() + 20
+    while processes_tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_tagged(tag) == []
+    if signum == signal.SIGTERM:
+        assert process.returncode == 130, stderr
+        assert stderr_lines(stderr) == [f"interrupted: the grid in {out} stopped; its finished tasks are kept, and "
+                                        "the same command goes on from them"], stderr  # fmt: skip
+    assert not list(out.glob("runs/*/test_metrics.json"))
 
 
 @pytest.mark.parametrize("script, flags", [

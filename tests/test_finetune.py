@@ -15,11 +15,12 @@ from safetensors.torch import load_file
 
 import finetune_recformer
 from common.cli import FlagError
-from common.data import load_dataset, write_dataset
+from common.data import load_dataset
 from common.embeddings import load_item_embeddings
 from common.evaluation import metric_names
 from common.recformer_data import build_batch, dataset_item_tokens, sequence_token_counts, token_budget_chunks
-from common.run import Scalars
+from common.run import InputError
+from prepare_data import write_dataset
 from prepare_data import Lcrec, build_lcrec
 from recformer.convert_recformer import load_backbone
 from recformer.modeling_recformer import RecformerForSeqRec
@@ -269,21 +270,14 @@ def without_dropout(model: RecformerForSeqRec) -> None:
 
 
 def first_step_gradients(run: finetune_recformer.FineTuning, seed: int) -> dict[str, torch.Tensor]:
-    """The gradients train_epoch applies in its first optimizer step (training examples drawn with `seed`); an SGD
-    step with learning rate 0 leaves the weights as they were."""
-    run.rng = np.random.default_rng(seed)
-    optimizer = torch.optim.SGD(run.model.parameters(), lr=0.0)
-    gradients = {}
-
-    def keep_gradients(*_):
-        gradients.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
-
-    optimizer.register_step_pre_hook(keep_gradients)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    finetune_recformer.train_epoch(
-        run, optimizer, schedule, stage=1, epoch=1, first_step=0, max_steps=1, scalars=Scalars(Path(), enabled=False)
-    )  # fmt: skip
-    return gradients
+    """The gradients backward_step leaves for the first optimizer step of an epoch whose training examples are
+    drawn with `seed` (averaged over the processes on many)."""
+    run.model.train()
+    run.model.zero_grad(set_to_none=True)
+    histories, labels = finetune_recformer.training_examples(run.data, run.max_items, np.random.default_rng(seed))
+    step_rows = np.arange(min(run.examples_per_step, len(labels)))
+    finetune_recformer.backward_step(run, histories, labels, step_rows, torch.zeros((), dtype=torch.float64))
+    return {name: p.grad.clone() for name, p in run.model.named_parameters() if p.grad is not None}
 
 
 def test_a_step_averages_its_examples_however_they_are_grouped(synthetic_data):
@@ -416,7 +410,7 @@ def test_resumed_finetuning_equals_the_uninterrupted_run(
         with pytest.raises(Killed):
             finetune_recformer.main(short_run_args(synthetic_data, out, log_every=1))
     assert not (out / "test_metrics.json").exists() and (out / "resume.pt").exists()
-    with pytest.raises(SystemExit, match="other settings than the run's"):
+    with pytest.raises(InputError, match="other settings than the run's"):
         finetune_recformer.main(short_run_args(synthetic_data, out, resume=True, lr=2 * LR, log_every=1))
     finetune_recformer.main(short_run_args(synthetic_data, out, resume=True, log_every=1))
 

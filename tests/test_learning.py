@@ -13,9 +13,9 @@ import torch
 import export_embeddings
 import train_bert4rec
 import train_sasrec
-from common.data import load_dataset, write_dataset
+from common.data import load_dataset
 from common.evaluation import evaluate
-from prepare_data import synthetic_catalogue
+from prepare_data import synthetic_catalogue, write_dataset
 
 SAMPLE_SIZE = 50
 

@@ -15,12 +15,12 @@ from test_recformer_model import small_config, word_piece
 
 import export_embeddings
 import train_sasrec
-from common.data import DatasetError, load_dataset, write_dataset
+from common.data import DatasetError, load_dataset
 from common.embeddings import save_item_embeddings
 from common.evaluation import sample_negatives
 from common.recformer_data import dataset_item_tokens
 from common.run import OutputError, create_run_dir, recover, save_atomic
-from prepare_data import Recformer, Synthetic, run
+from prepare_data import Recformer, Synthetic, run, write_dataset
 from recformer.tokenization_recformer import RecformerTokenizer
 
 KILLED = 137
@@ -243,10 +243,10 @@ def test_a_stage_refuses_an_earlier_run_directory_unless_told_to_empty_it(synthe
     args = train_sasrec.Args(
         data=synthetic_data, out=out, hidden_size=16, num_heads=2, epochs=1, sample_size=20, device="cpu"
     )
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(OutputError) as error:
         train_sasrec.main(args)
-    message = str(error.value.code)
-    assert message.startswith(f"error: {out}: holds files of an earlier run") and "--overwrite" in message
+    message = str(error.value)
+    assert message.startswith(f"{out}: holds files of an earlier run") and "--overwrite" in message
     assert "\n" not in message and [p.name for p in out.iterdir()] == ["metrics.jsonl"]
 
     train_sasrec.main(train_sasrec.Args(**{**vars(args), "overwrite": True}))
@@ -259,7 +259,7 @@ def test_overwrite_never_deletes_an_input_or_the_current_directory(tmp_path, mon
     before = snapshot(out)
     with pytest.raises(DatasetError, match=f"{out}: not replaced, it holds {out / 'source'}"):
         run(Recformer(dir=out / "source", out=out, overwrite=True))
-    with pytest.raises(SystemExit, match=f"error: {out}: not emptied, it holds {out / 'source'}"):
+    with pytest.raises(OutputError, match=f"{out}: not emptied, it holds {out / 'source'}"):
         train_sasrec.main(train_sasrec.Args(data=out / "source", out=out, overwrite=True))
     monkeypatch.chdir(out / "source")
     with pytest.raises(OutputError, match=f"{out}: not emptied, it holds {out / 'source'}"):
@@ -280,9 +280,9 @@ def test_run_directories_resume_in_place_and_refuse_paths_under_a_file(tmp_path)
 def test_export_refuses_an_existing_table_before_any_work(synthetic_data, tmp_path):
     table = tmp_path / "plm.safetensors"
     table.write_text("an earlier table")
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(OutputError) as error:
         export_embeddings.main(export_embeddings.Args(checkpoint="no-such-checkpoint", data=synthetic_data, out=table))
-    assert str(error.value.code) == f"error: {table}: already exists; pass --overwrite to replace it"
+    assert str(error.value) == f"{table}: already exists; pass --overwrite to replace it"
     assert table.read_text() == "an earlier table"
 
 

@@ -14,14 +14,15 @@ from torch import nn
 
 import export_embeddings
 import train_sasrec
-from common.data import DatasetError, load_dataset, write_dataset
+from common.data import DatasetError, load_dataset
 from common.embeddings import (
     EmbeddingFileError,
     load_item_embeddings,
     save_item_embeddings,
 )
 from common.evaluation import evaluate, result_line
-from prepare_data import Paper, Recformer, run
+from common.run import InputError
+from prepare_data import Paper, Recformer, run, write_dataset
 from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from recformer.modeling_recformer import RecformerForSeqRec, RecformerModel
 
@@ -301,7 +302,7 @@ def test_a_paper_finetuned_bin_keeps_its_item_table(imported, tmp_path, capsys):
     table = load_item_embeddings(tmp_path / "t.safetensors", imported)
     assert torch.equal(table[1:], item_embedding) and (table[0] == 0).all()
     other_catalogue, _ = paper_finetuned_bin(tmp_path / "p2", 4)
-    with pytest.raises(SystemExit, match="5 rows, but .* has 10 items"):
+    with pytest.raises(InputError, match="5 rows, but .* has 10 items"):
         export_embeddings.main(
             dataclasses.replace(args, out=tmp_path / "u.safetensors", checkpoint=str(other_catalogue))
         )

@@ -13,6 +13,7 @@ import train_bert4rec
 import train_sasrec
 from common.data import load_dataset
 from common.embeddings import pca_project, save_item_embeddings, transform_items
+from common.run import InputError
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +269,7 @@ def test_refusals_are_one_line_errors_without_a_run_directory(data, tmp_path, sc
         epochs=1,
         device="cpu",
     )
-    with pytest.raises(SystemExit) as refusal:
+    with pytest.raises(InputError) as refusal:
         script.main(args)
     text = str(refusal.value)
     assert str(path) in text and message in text and "\n" not in text
@@ -277,7 +278,7 @@ def test_refusals_are_one_line_errors_without_a_run_directory(data, tmp_path, sc
 
 def test_pca_cannot_widen_vectors(data, tmp_path):
     save_item_embeddings(tmp_path / "plm.safetensors", plm_table(data, 8), data, checkpoint="test")
-    with pytest.raises(SystemExit, match="PCA cannot produce 16 dimensions"):
+    with pytest.raises(InputError, match="PCA cannot produce 16 dimensions"):
         train_sasrec.main(sasrec_args(data, tmp_path, project="pca"))
     assert not (tmp_path / "run").exists()
 
@@ -295,3 +296,26 @@ def test_a_safetensors_table_without_our_metadata_says_the_dataset_check_is_skip
     save_item_embeddings(path, table, data, "test")
     load_item_embeddings(path, data)
     assert capsys.readouterr().out == ""
+
+
+def test_the_values_digest_of_a_table_ignores_its_file_format_and_metadata(data, tmp_path):
+    """A run records its table's values digest: the same for equal vectors whatever the file's bytes (metadata,
+    safetensors or the paper's torch file), and another for changed vectors; the reference is numpy's bytes."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from common.embeddings import table_values_sha256
+
+    table = plm_table(data, 8)
+    save_item_embeddings(tmp_path / "ours.safetensors", table, data, "one checkpoint")
+    save_file({"item_embeddings": table}, str(tmp_path / "foreign.safetensors"), metadata={"made": "elsewhere"})
+    torch.save(table, tmp_path / "paper.pt")
+    files = [tmp_path / name for name in ("ours.safetensors", "foreign.safetensors", "paper.pt")]
+    assert len({hashlib.sha256(path.read_bytes()).hexdigest() for path in files}) == 3
+    reference = hashlib.sha256(table.numpy().tobytes()).hexdigest()
+    assert [table_values_sha256(path) for path in files] == [reference] * 3
+    changed = table.clone()
+    changed[1, 0] += 1e-6
+    torch.save(changed, tmp_path / "changed.pt")
+    assert table_values_sha256(tmp_path / "changed.pt") != reference

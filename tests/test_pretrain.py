@@ -71,7 +71,8 @@ def sequence_windows(data, rows) -> list[list[str]]:
 def corpus(tmp_path_factory) -> Path:
     """A small corpus in the paper's layout: MovieLens-100k (short item text) from ../shared/data when present,
     else the built-in synthetic data; 96 training and 16 dev sequences of WINDOW items from disjoint users."""
-    from common.data import load_dataset, write_dataset
+    from common.data import load_dataset
+    from prepare_data import write_dataset
 
     root = tmp_path_factory.mktemp("pretrain")
     if (SHARED_DATA / "ml-100k").is_dir():
@@ -178,7 +179,7 @@ def assert_loads_in_export(checkpoint: Path, dataset: Path, capsys) -> None:
 @pytest.fixture(scope="module")
 def dataset(corpus, tmp_path_factory) -> Path:
     """The corpus's dev sequences as a dataset directory (export reads datasets)."""
-    from common.data import write_dataset
+    from prepare_data import write_dataset
 
     meta = json.loads((corpus / "meta_data.json").read_text())
     dev = json.loads((corpus / "dev.json").read_text())

@@ -91,6 +91,7 @@ def test_the_real_data_section_runs_as_written(tmp_path, monkeypatch, capsys):
     assert table.shape == (150 + 1, 384)  # every item, plus the padding row; MiniLM's width
     assert torch.isfinite(table).all() and not table[0].any() and (table[1:].norm(dim=1) > 0).all()
     digest = hashlib.sha256(table_file.read_bytes()).hexdigest()
+    values_digest = hashlib.sha256(table.numpy().tobytes()).hexdigest()  # the one tensor's values, no metadata
 
     runs = {}
     for command in commands[2:-1]:
@@ -99,7 +100,8 @@ def test_the_real_data_section_runs_as_written(tmp_path, monkeypatch, capsys):
         assert runs[run]["protocol"] == "sampled-100" and 0 <= runs[run]["NDCG@10"] <= runs[run]["HR@10"] <= 1
         item_table = json.loads((run / "config.json").read_text())["provenance"].get("item_table")
         if flag(command, "--init-type") == "plm":
-            assert item_table == {"path": str(table_file.resolve()), "sha256": digest, "transform": "center"}
+            assert item_table == {"path": str(table_file.resolve()), "sha256": digest, "values_sha256": values_digest,
+                                  "transform": "center"}  # fmt: skip
             assert printed[str(run)].splitlines()[0] == f"item table {item_table['path']} (sha256 {digest}), " \
                                                         "--init-transform center"  # fmt: skip
         else:

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LongformerConfig, LongformerForMaskedLM, PreTrainedTokenizerFast
 
-from common.data import load_dataset, write_dataset
+from common.data import load_dataset
 from common.recformer_data import build_batch, dataset_item_tokens, encode_items
+from prepare_data import write_dataset
 from recformer.configuration_recformer import RecformerConfig
 from recformer.convert_recformer import BackboneError, load_backbone, save_checkpoint
 from recformer.modeling_recformer import (

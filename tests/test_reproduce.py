@@ -13,6 +13,7 @@ import reproduce
 import train_bert4rec
 import train_sasrec
 from common.cli import FlagError
+from common.run import InputError
 
 STAGES = (train_sasrec, train_bert4rec, export_embeddings, finetune_recformer)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -110,7 +111,7 @@ def test_grid_writes_results_and_resumes(synthetic_data, tmp_path, stage_calls):
     reproduce.main(args)
     assert stage_calls == []
 
-    with pytest.raises(SystemExit, match=r"finished with other settings \(epochs\)"):
+    with pytest.raises(InputError, match=r"finished with other settings \(epochs\)"):
         reproduce.main(dataclasses.replace(args, epochs=2))
     assert stage_calls == []
 
@@ -198,15 +199,19 @@ def test_published_runs_are_reused_on_a_machine_without_the_grid(synthetic_data,
 
     config_file = tmp_path / "second" / "runs" / cells[0] / "config.json"
     config = json.loads(config_file.read_text())
-    config["provenance"]["item_table"]["sha256"] = "0" * 64  # as if exported on another machine
-    config_file.write_text(json.dumps(config))
-    reproduce.main(dataclasses.replace(fresh, report_only=True))
-    assert "**1 PLM runs started from other item vectors than tables/ holds now**" in (
-        tmp_path / "second" / "results.md").read_text()  # fmt: skip
+    table = config["provenance"]["item_table"]
+    for changed in ({"values_sha256": "0" * 64}, {"sha256": "0" * 64, "values_sha256": None}):
+        # other values recorded, as if exported on another machine; then a run recorded before values digests
+        # existed, whose file tables.json does not know
+        config["provenance"]["item_table"] = {**table, **changed}
+        config_file.write_text(json.dumps(config))
+        reproduce.main(dataclasses.replace(fresh, report_only=True))
+        assert "**1 PLM runs started from other item vectors than tables/ holds now**" in (
+            tmp_path / "second" / "results.md").read_text()  # fmt: skip
 
-    with pytest.raises(SystemExit, match=r"finished with other settings \(epochs\)"):
+    with pytest.raises(InputError, match=r"finished with other settings \(epochs\)"):
         reproduce.main(dataclasses.replace(fresh, out=tmp_path / "third", epochs=2))
-    with pytest.raises(SystemExit, match=r"^error: --reuse: .* holds no runs/ directory"):
+    with pytest.raises(InputError, match=r"^--reuse: .* holds no runs/ directory"):
         reproduce.main(dataclasses.replace(fresh, reuse=tmp_path))
 
 
@@ -236,12 +241,12 @@ def test_flags_and_out_are_checked_before_anything_runs(synthetic_data, tmp_path
         (dict(seeds=(42, 2**32)), "--seeds"),  # a flag rule: refused when the Args are built
         (dict(pretrained=str(tmp_path / "missing")), "--pretrained"),
     ]:
-        with pytest.raises((SystemExit, FlagError), match=message):
+        with pytest.raises((InputError, FlagError), match=message):
             reproduce.main(dataclasses.replace(args, **changes))
         assert stage_calls == [] and not (tmp_path / "grid").exists()
     finished_run = tmp_path / "someone's run"
     finished_run.mkdir()
     (finished_run / "best.pt").write_text("a finished checkpoint")
-    with pytest.raises(SystemExit, match="holds no grid of reproduce.py"):
+    with pytest.raises(InputError, match="holds no grid of reproduce.py"):
         reproduce.main(dataclasses.replace(args, out=finished_run))
     assert stage_calls == [] and [p.name for p in finished_run.iterdir()] == ["best.pt"]

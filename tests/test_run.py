@@ -116,14 +116,15 @@ def test_provenance_names_the_commit_and_whether_tracked_files_changed(tmp_path,
 @pytest.mark.parametrize("script", ["train_sasrec", "train_bert4rec"])
 @pytest.mark.parametrize("transform", ["none", "center"])
 def test_plm_runs_record_and_print_their_item_table(script, transform, synthetic_data, tmp_path, monkeypatch, capsys):
-    """The table file's sha256, its resolved path and the transform: in config.json, on the first line of output,
-    and (the transform) in the default run directory's name."""
+    """The table file's sha256 and its values' sha256, its resolved path and the transform: in config.json, on the
+    first line of output, and (the transform) in the default run directory's name."""
     from common.data import load_dataset
 
     data = load_dataset(synthetic_data)
     table = tmp_path / "tables" / "plm.safetensors"
-    save_item_embeddings(table, torch.randn(data.num_items + 1, 8, generator=torch.Generator().manual_seed(0)), data,
-                         checkpoint="test")  # fmt: skip
+    vectors = torch.randn(data.num_items + 1, 8, generator=torch.Generator().manual_seed(0))
+    vectors[0] = 0.0  # the padding row, as the file stores it
+    save_item_embeddings(table, vectors, data, checkpoint="test")
     monkeypatch.chdir(tmp_path)
     module = importlib.import_module(script)
     module.main(module.Args(data=synthetic_data, init_type="plm", embeddings=Path("tables/plm.safetensors"),
@@ -133,7 +134,8 @@ def test_plm_runs_record_and_print_their_item_table(script, transform, synthetic
     assert run.name.startswith(f"{synthetic_data.name}-plm-{transform}-")
     recorded = json.loads((run / "config.json").read_text())["provenance"]["item_table"]
     digest = hashlib.sha256(table.read_bytes()).hexdigest()
-    expected = {"path": str(table.resolve()), "sha256": digest, "transform": transform}
+    values_digest = hashlib.sha256(vectors.numpy().tobytes()).hexdigest()
+    expected = {"path": str(table.resolve()), "sha256": digest, "values_sha256": values_digest, "transform": transform}
     assert recorded == expected
     first_line = capsys.readouterr().out.splitlines()[0]
     assert first_line == f"item table {expected['path']} (sha256 {expected['sha256']}), --init-transform {transform}"

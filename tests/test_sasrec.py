@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from common.cli import parse
-from common.data import PAD, load_dataset, write_dataset
+from common.data import PAD, load_dataset
 from common.seqrec import hidden_at, last_hidden
+from prepare_data import write_dataset
 from train_sasrec import (
     Args,
     CausalBlock,
