@@ -43,7 +43,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -66,7 +65,7 @@ from common.cli import Checked, Device, NonNegative, Positive, Seed, parse
 from common.data import SeqDataset, load_dataset
 from common.embeddings import STAGE_TABLE_FILE, table_values_sha256
 from common.evaluation import check_sample_size, protocol
-from common.run import INTERRUPTED, InputError, progress, save_atomic, write_json_atomic
+from common.run import INTERRUPTED, InputError, ending_in_one_line, progress, save_atomic, write_json_atomic
 from recformer.convert_recformer import MINILM
 
 TRAINERS = {"sasrec": train_sasrec, "bert4rec": train_bert4rec}
@@ -301,22 +300,28 @@ def perform(args: Args, task: Task) -> None:
         TRAINERS[task.cell.model].main(stage_args(args, task.cell))
 
 
+def failure_of(args: Args, task: Task) -> str | None:
+    """perform() in this process; the one-line reason when the task failed on bad input or a stage's own exit."""
+    try:
+        perform(args, task)
+    except InputError as error:
+        return f"error: {error}"
+    except SystemExit as stop:
+        return str(stop.code)
+    return None
+
+
 def perform_in_child(args: Args, task: Task, threads: int, log: Path) -> str | None:
-    """perform() in a worker process of --jobs, its output into `log`; the one-line reason when it failed."""
+    """failure_of() in a worker process of --jobs, its output into `log`; any other error is a failure too."""
     torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", buffering=1, encoding="utf-8") as stream:  # line-buffered: the log can be followed
         with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
             try:
-                perform(args, task)
-            except InputError as error:
-                return f"error: {error}"
-            except SystemExit as error:
-                return str(error.code)
+                return failure_of(args, task)
             except Exception as error:  # noqa: BLE001 - reported as the task's failure, the grid goes on
                 traceback.print_exc()
                 return f"{type(error).__name__}: {error}"
-    return None
 
 
 def cells(args: Args, starts: list[str]) -> list[Cell]:
@@ -464,14 +469,7 @@ def run_tasks(args: Args, tasks: list[Task]) -> dict[str, str]:
                 continue
             log.line(f"start {number[task.name]}/{len(tasks)} {task.name}")
             began = time.time()
-            try:
-                perform(args, task)
-                error = None
-            except InputError as bad:
-                error = f"error: {bad}"
-            except SystemExit as stop:
-                error = str(stop.code)
-            finish(task, began, error)
+            finish(task, began, failure_of(args, task))
         log.close()
         return failed
 
@@ -894,26 +892,9 @@ def main(args: Args) -> dict:
     return {"runs": records, "summary": summary}
 
 
-@contextlib.contextmanager
-def stopping_in_one_line(out: Path):
-    """Around main(): bad input ends the grid with one line (exit status 1), Ctrl-C or SIGTERM (the same, here)
-    with one line and exit status 130."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    except InputError as error:
-        raise SystemExit(f"error: {error}") from None
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a launcher's SIGTERM may follow the terminal's SIGINT
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"interrupted: the grid in {out} stopped; its finished tasks are kept, and the same command goes on "
-              "from them", file=sys.stderr)  # fmt: skip
-        raise SystemExit(INTERRUPTED) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 if __name__ == "__main__":
     arguments = parse(Args)
-    with stopping_in_one_line(arguments.out):
+    stopped = (f"the grid in {arguments.out} stopped; its finished tasks are kept, and the same command goes on "
+               "from them")  # fmt: skip
+    with ending_in_one_line(interrupted=stopped):
         main(arguments)

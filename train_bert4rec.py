@@ -283,17 +283,8 @@ def main(args: Args) -> dict[str, float]:
     data = load_dataset(args.data)
     require_users(data, "val", "test")
     check_sample_size(data, args.sample_size)
-    table, width = plm_init(
-        data,
-        args.init_type,
-        args.embeddings,
-        args.hidden_size,
-        args.project,
-        args.init_transform,
-        lambda dim: RANDOM_TOKEN_STD,
-        args.embeddings_smap,
-    )
-    item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
+    table, width = plm_init(data, args, lambda dim: RANDOM_TOKEN_STD)
+    item_table = announce_item_table(data, args)
     args = dataclasses.replace(args, hidden_size=width)
     if args.hidden_size % args.num_heads:
         raise InputError(f"--num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")

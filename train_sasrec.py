@@ -339,17 +339,8 @@ def main(args: Args) -> dict[str, float]:
     check_sample_size(data, args.sample_size)
     users, inputs, targets = next_item_pairs(data, args.max_len)
     history_keys = training_history_keys(data).to(device) if loss_name == "bce" else None
-    table, width = plm_init(
-        data,
-        args.init_type,
-        args.embeddings,
-        args.hidden_size,
-        args.project,
-        args.init_transform,
-        lambda dim: xavier_item_std(data.num_items, dim),
-        args.embeddings_smap,
-    )
-    item_table = announce_item_table(data, args.init_type, args.embeddings, args.init_transform)
+    table, width = plm_init(data, args, lambda dim: xavier_item_std(data.num_items, dim))
+    item_table = announce_item_table(data, args)
     args = dataclasses.replace(args, hidden_size=width)
     if args.hidden_size % args.num_heads:
         raise InputError(f"--num-heads: hidden size {args.hidden_size} is not divisible by {args.num_heads} heads")

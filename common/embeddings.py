@@ -276,20 +276,21 @@ def plm_table_path(data: SeqDataset, embeddings: Path | None) -> Path:
     return Path(embeddings or default_embeddings_path(data.path))
 
 
-def announce_item_table(data: SeqDataset, init_type: str, embeddings: Path | None, transform: str) -> dict | None:
-    """What a recommender's PLM item table is, printed as the run's first line and returned for its config.json:
-    the resolved file, the sha256 of its bytes (a re-exported table is told apart from the one a run used) and of
-    its values alone (see table_values_sha256), and the --init-transform; None without --init-type plm."""
-    if init_type != "plm":
+def announce_item_table(data: SeqDataset, args) -> dict | None:
+    """What a recommender's PLM item table is (`args`: SASRec's or BERT4Rec's Args), printed as the run's first
+    line and returned for its config.json: the resolved file, the sha256 of its bytes (a re-exported table is told
+    apart from the one a run used) and of its values alone (see table_values_sha256), and the --init-transform;
+    None without --init-type plm."""
+    if args.init_type != "plm":
         return None
-    path = plm_table_path(data, embeddings)
+    path = plm_table_path(data, args.embeddings)
     record = {
         "path": str(path.resolve()),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "values_sha256": table_values_sha256(path),
-        "transform": transform,
+        "transform": args.init_transform,
     }
-    print(f"item table {record['path']} (sha256 {record['sha256']}), --init-transform {transform}")
+    print(f"item table {record['path']} (sha256 {record['sha256']}), --init-transform {args.init_transform}")
     return record
 
 
@@ -312,23 +313,15 @@ def run_tag(item_table: dict | None) -> str:
     return "none" if item_table is None else f"plm-{item_table['transform']}"
 
 
-def plm_init(
-    data: SeqDataset,
-    init_type: str,
-    embeddings: Path | None,
-    hidden_size: int | None,
-    project: str,
-    transform: str = "none",
-    target_std: Callable[[int], float] | None = None,
-    rows_smap: Path | None = None,
-) -> tuple[torch.Tensor | None, int]:
-    """(initial item table or None, model width) from the recommenders' --init-type, --embeddings, --hidden-size,
-    --project, --init-transform and --embeddings-smap (rows_smap): "plm" reads the file (default
+def plm_init(data: SeqDataset, args, target_std: Callable[[int], float]) -> tuple[torch.Tensor | None, int]:
+    """(initial item table or None, model width) from a recommender's Args (SASRec's or BERT4Rec's: --init-type,
+    --embeddings, --hidden-size, --project, --init-transform, --embeddings-smap): "plm" reads the file (default
     <data>/embeddings/plm.safetensors) and the width is the table's; "none" has no table (the transform is ignored)
     and the width is --hidden-size, else the paper's 768.
     target_std(width): the element std of the model's own random item table at that width."""
-    if init_type != "plm":
-        return None, hidden_size or PAPER_HIDDEN_SIZE
-    table = initial_item_table(plm_table_path(data, embeddings), data, hidden_size, project, transform, target_std,
-                               rows_smap)  # fmt: skip
+    if args.init_type != "plm":
+        return None, args.hidden_size or PAPER_HIDDEN_SIZE
+    path = plm_table_path(data, args.embeddings)
+    table = initial_item_table(path, data, args.hidden_size, args.project, args.init_transform, target_std,
+                               args.embeddings_smap)  # fmt: skip
     return table, table.shape[1]

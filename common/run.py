@@ -437,14 +437,16 @@ def _claim(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def ending_in_one_line(*checkpoints: str, resumable: bool = False) -> Iterator[None]:
+def ending_in_one_line(*checkpoints: str, resumable: bool = False, interrupted: str | None = None) -> Iterator[None]:
     """Around a stage's main(): bad input (an InputError: exit status 1), Ctrl-C or SIGTERM (exit status 130) or a
     refused write (a full disk) ends it with one line saying what was kept where. A run directory holds a checkpoint
     (one of `checkpoints`, names inside it) or nothing: with none written yet, the directory the run claimed is
     removed (emptied, if the user gave it existing); otherwise it is kept, unfinished (`resumable`: the line says
-    how to go on with --resume). A directory
-    continued with --resume is never cleared. Of many processes, the one that claimed the directory (rank 0) is the
-    one that reports and clears it."""
+    how to go on with --resume). A directory continued with --resume is never cleared. Of many processes, the one
+    that claimed the directory (rank 0) is the one that reports and clears it.
+
+    `interrupted`: the line's text for Ctrl-C instead, for a tool that runs stages in its own process (reproduce.py):
+    the run directories those claimed are the tool's to redo, so none is reported or cleared."""
     _claimed.run_dir = None
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     if in_main_thread:
@@ -456,11 +458,15 @@ def ending_in_one_line(*checkpoints: str, resumable: bool = False) -> Iterator[N
         if in_main_thread:  # a launcher sends SIGTERM right after the terminal's SIGINT: let the cleanup finish
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        left = _what_was_kept(checkpoints, resumable) if _claimed.run_dir else "this process wrote no run directory"
+        if interrupted is not None:
+            left = interrupted
+        else:
+            left = _what_was_kept(checkpoints, resumable) if _claimed.run_dir else "this process wrote no run directory"
         print(f"interrupted: {left}", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except InputError as error:  # bad input, a refused write, or losing the claim on --out (then nothing is ours)
-        left = f"; {_what_was_kept(checkpoints, resumable)}" if _claimed.run_dir else ""
+        ours = _claimed.run_dir is not None and interrupted is None
+        left = f"; {_what_was_kept(checkpoints, resumable)}" if ours else ""
         raise SystemExit(f"error: {error}{left}") from None
     finally:
         if in_main_thread:
