@@ -17,7 +17,7 @@ none) are the input, the item at it the label. Loss: softmax over all items, or 
 Evaluation is the shared code (common/evaluation.py) with the same cached negatives as SASRec and BERT4Rec.
 
 Padding-free batches: an optimizer step's batch_size x grad_accum examples (users in random order, as before) are
-sorted by token count and cut into encoder calls by common.recformer_data.token_budget_chunks; each call's
+sorted by token count and cut into encoder calls by token_budget_chunks; each call's
 mean loss is weighted by its share of the step, so the step's gradient is the step's mean loss gradient, as with equal
 micro-batches.
 Evaluation batches are grouped the same way. The item table is encoded only when the weights changed since its last
@@ -86,8 +86,6 @@ from common.recformer_data import (
     dataset_item_tokens,
     encode_items,
     item_texts,
-    sequence_token_counts,
-    token_budget_chunks,
 )
 from common.run import (
     EarlyStopping,
@@ -108,6 +106,7 @@ from common.run import (
     to_device,
     write_json_atomic,
 )
+from recformer.configuration_recformer import RecformerConfig
 from recformer.convert_recformer import load_backbone, save_checkpoint
 from recformer.modeling_recformer import RecformerForSeqRec, set_attention
 from recformer.tokenization_recformer import ItemTokens, RecformerTokenizer
@@ -250,7 +249,7 @@ def prepare(
     # for its gradient.
     trained = model
     if world > 1:
-        trained = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
+        trained = DistributedDataParallel(model, forward_sync_buffers=False, find_unused_parameters=True)
     run = FineTuning(
         args=args, data=data, model=model, tokenizer=tokenizer, tokens=dataset_item_tokens(tokenizer, data),
         device=device, dtype=dtype, rank=rank, world=world, trained=trained, rng=np.random.default_rng(args.seed),
@@ -310,6 +309,34 @@ def refresh_item_table(run: FineTuning) -> None:
     seconds = time.time() - began
     print(f"item table: {run.data.num_items} items in {seconds:.1f} s, {run.data.num_items / seconds:.1f} "
           f"items/s on {run.world} process(es)")  # fmt: skip
+
+
+def sequence_token_counts(tokens: ItemTokens, histories: np.ndarray, config: RecformerConfig) -> np.ndarray:
+    """(B,) tokens of each row build_batch makes from `histories` (B, L): the leading token and the items' tokens,
+    newest max_item_embeddings - 1 items, at most max_token_num."""
+    newest = np.asarray(histories, dtype=np.int64)[:, ::-1][:, : config.max_item_embeddings - 1]
+    return np.minimum(1 + tokens.lengths[newest].sum(axis=1), config.max_token_num)  # id 0 has no tokens
+
+
+def token_budget_chunks(lengths: np.ndarray, budget: int, call_tokens: int) -> list[np.ndarray]:
+    """Row indices of `lengths` in ascending length, cut into consecutive chunks of at most `budget` padded tokens
+    (rows x longest row) that minimise padded tokens + call_tokens per chunk (the cost of one more model call, in
+    tokens); exact dynamic programme over the sorted rows, O(n^2) for n rows."""
+    order = np.argsort(lengths, kind="stable")
+    ordered = np.asarray(lengths, dtype=np.int64)[order]
+    best = np.zeros(len(ordered) + 1)
+    start = np.zeros(len(ordered) + 1, dtype=np.int64)
+    for end in range(1, len(ordered) + 1):
+        begins = np.arange(end)
+        padded = (end - begins) * ordered[end - 1]
+        cost = np.where(padded <= max(budget, ordered[end - 1]), best[:end] + padded + call_tokens, np.inf)
+        start[end] = int(np.argmin(cost))
+        best[end] = cost[start[end]]
+    cuts, end = [], len(ordered)
+    while end > 0:
+        cuts.append(order[start[end] : end])
+        end = start[end]
+    return cuts[::-1]
 
 
 def length_groups(run: FineTuning, histories: np.ndarray) -> list[np.ndarray]:

@@ -18,7 +18,8 @@ its own models, since SASRec's loss follows the protocol (README: loss coupling)
 
 Parallel cells: --jobs N runs N tasks (cells, the fine-tuning, exports) at once, each a process with cores // N
 threads (on CUDA the N processes share the GPU); a task starts once the table it needs exists, in an order that
-answers the main question first (random against finetune, full ranking, both models, then the other starts). Their
+answers the main question first (random against finetune, full ranking, both models, then the other starts);
+--finetune-processes N runs the fine-tuning as N data-parallel processes (torchrun) in N of those slots. Their
 output goes to <out>/logs/<task>.log; the grid's own log (<out>/grid.log and the terminal) says which task of how
 many starts and ends when.
 
@@ -43,11 +44,13 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Annotated, Literal
@@ -61,7 +64,7 @@ import export_embeddings
 import finetune_recformer
 import train_bert4rec
 import train_sasrec
-from common.cli import Checked, Device, NonNegative, Positive, Seed, parse
+from common.cli import Checked, Device, NonNegative, Positive, Seed, parse, rule
 from common.data import SeqDataset, load_dataset
 from common.embeddings import STAGE_TABLE_FILE, table_values_sha256
 from common.evaluation import check_sample_size, protocol
@@ -74,6 +77,10 @@ MODEL_NAMES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec", "recformer": "Recform
 TABLE_METRICS = ("NDCG@10", "HR@10", "MRR")
 START_ORDER = ("random", "finetune", "longformer", "pretrain")  # scheduling: the paper's question first
 GRID_FILE = "grid.json"
+REPOSITORY = Path(__file__).resolve().parent
+FINETUNE_BATCH_SIZE = finetune_recformer.Args.batch_size  # sequences per forward pass of one fine-tuning process
+DividesFinetuneBatch = rule(lambda n: isinstance(n, int) and n >= 1 and FINETUNE_BATCH_SIZE % n == 0,
+                            f"must divide the fine-tuning's batch of {FINETUNE_BATCH_SIZE} sequences")  # fmt: skip
 
 
 @dataclass
@@ -105,6 +112,11 @@ class Args(Checked):
     finetune_val_users: Annotated[int | None, Positive] = None
     """Validate the fine-tuning on this many users, a fixed subset drawn with the first seed
     (finetune_recformer.py --val-users; a deviation for CPU budgets); None: every user."""
+    finetune_processes: Annotated[int, DividesFinetuneBatch] = 1
+    """Processes of that fine-tuning: N > 1 launches it data-parallel (torchrun --nproc_per_node N, cores // N
+    threads each) with --batch-size 16 / N per process, so that an optimizer step still averages the same 128
+    sequences; it then takes N of the --jobs slots. Its results equal one process's up to float rounding only, so
+    keep one value across the calls of a grid."""
     models: tuple[Literal["sasrec", "bert4rec"], ...] = ("sasrec", "bert4rec")
     """Recommenders to train."""
     transforms: tuple[Literal["none", "center", "whiten"], ...] = ("none", "center", "whiten")
@@ -226,6 +238,7 @@ def finetune_args(args: Args, resume: bool) -> finetune_recformer.Args:
         sample_size=args.finetune_sample_size,
         test_sample_sizes=tuple(s for s in args.sample_sizes if s != args.finetune_sample_size),
         val_users=args.finetune_val_users,
+        batch_size=FINETUNE_BATCH_SIZE // args.finetune_processes,
         seed=args.seeds[0],
         device=args.device,
         resume=resume,
@@ -234,12 +247,59 @@ def finetune_args(args: Args, resume: bool) -> finetune_recformer.Args:
 
 def finetune(args: Args) -> None:
     """Recformer fine-tuning on --data, resumed where a killed one stopped (a directory without config.json,
-    killed before it began, is started over)."""
+    killed before it began, is started over); in this process, or launched as --finetune-processes processes."""
     run_dir = args.out / "finetune"
     resume = (run_dir / "config.json").is_file()
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
-    finetune_recformer.main(finetune_args(args, resume))
+    if args.finetune_processes == 1:
+        finetune_recformer.main(finetune_args(args, resume))
+    else:
+        launch_finetune(args, finetune_args(args, resume))
+
+
+def command_line(config) -> list[str]:
+    """The flags that give a stage's Args `config` on its command line: every field that differs from its
+    default (tuples as one value each, booleans as --flag / --no-flag)."""
+    flags = []
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags += [flag, *map(str, value if isinstance(value, tuple) else [value])]
+    return flags
+
+
+LAUNCHED: list[subprocess.Popen] = []
+"""The fine-tuning launcher of this process, if any: ended with the process (see start_worker)."""
+
+
+def launch_finetune(args: Args, config: finetune_recformer.Args) -> None:
+    """`torchrun --nproc_per_node N finetune_recformer.py <config's flags>`, its output passed on line by line; a
+    failure ends the task with its exit status, Ctrl-C or SIGTERM end the launch too (the run stays resumable)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.finetune_processes}", str(REPOSITORY / "finetune_recformer.py"),
+               *command_line(config)]  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // args.finetune_processes)
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
+    LAUNCHED.append(launcher)
+    try:
+        for line in launcher.stdout:
+            sys.stdout.write(line)
+        status = launcher.wait()
+    except KeyboardInterrupt:
+        launcher.terminate()
+        launcher.wait()
+        raise
+    finally:
+        LAUNCHED.remove(launcher)
+    if status != 0:
+        raise SystemExit(f"error: the fine-tuning's processes failed (exit status {status}; its output is above)")
 
 
 def export_table(args: Args, start: str) -> None:
@@ -387,10 +447,17 @@ def start_worker(grid_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tqdm.set_lock(threading.RLock())
 
+    def end(*_) -> None:
+        for launcher in LAUNCHED:  # a launched fine-tuning (torchrun) ends its own processes on SIGTERM
+            launcher.terminate()
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGTERM, end)
+
     def exit_when_orphaned() -> None:
         while os.getppid() == grid_pid:
             time.sleep(1)
-        os._exit(INTERRUPTED)
+        end()
 
     threading.Thread(target=exit_when_orphaned, daemon=True).start()
 
@@ -405,6 +472,11 @@ def ending_workers_on_interrupt():
         for worker in active_children():
             worker.terminate()
         raise
+
+
+def slots(args: Args, task: Task) -> int:
+    """How many of the --jobs slots a task takes: a fine-tuning its processes (at most all of them), others one."""
+    return min(args.finetune_processes, args.jobs) if task.kind == "finetune" else 1
 
 
 def threads_per_job(args: Args) -> int:
@@ -481,7 +553,11 @@ def run_tasks(args: Args, tasks: list[Task]) -> dict[str, str]:
             for task in [t for t in pending if blocked(t)]:
                 pending.remove(task)
                 failed[task.name] = "a task it needs failed"
-            for task in [t for t in pending if ready(t)][: args.jobs - len(running)]:
+            free = args.jobs - sum(slots(args, task) for task, _ in running.values())
+            for task in [t for t in pending if ready(t)]:
+                if slots(args, task) > free:
+                    break  # tasks start in schedule order: the next one waits for its slots
+                free -= slots(args, task)
                 pending.remove(task)
                 log.line(f"start {number[task.name]}/{len(tasks)} {task.name}")
                 log_file = args.out / "logs" / f"{task.name}.log"

@@ -44,8 +44,6 @@ from common.recformer_data import (  # noqa: E402
     build_batch,
     dataset_item_tokens,
     encode_items,
-    sequence_token_counts,
-    token_budget_chunks,
 )
 from common.run import resolve_device, seed_everything, to_device  # noqa: E402
 from recformer.configuration_recformer import RecformerConfig  # noqa: E402
@@ -186,7 +184,7 @@ def padding_shares(data, tokens: ItemTokens, config: RecformerConfig, seed: int)
     args = finetune_recformer.Args()
     rng = np.random.default_rng(seed)
     histories, _ = finetune_recformer.training_examples(data, config.max_item_embeddings - 1, rng)
-    lengths = sequence_token_counts(tokens, histories, config)
+    lengths = finetune_recformer.sequence_token_counts(tokens, histories, config)
     real = lengths.sum()
     before = 0
     for begin in range(0, len(lengths), args.batch_size):
@@ -196,7 +194,8 @@ def padding_shares(data, tokens: ItemTokens, config: RecformerConfig, seed: int)
     per_step = args.batch_size * args.grad_accum
     for begin in range(0, len(lengths), per_step):
         step = lengths[begin : begin + per_step]
-        chunks = token_budget_chunks(step, args.batch_size * config.max_token_num, finetune_recformer.CALL_TOKENS)
+        budget = args.batch_size * config.max_token_num
+        chunks = finetune_recformer.token_budget_chunks(step, budget, finetune_recformer.CALL_TOKENS)
         now += sum(len(rows) * step[rows].max() for rows in chunks)
     return 1 - real / before, 1 - real / now
 

@@ -4,8 +4,6 @@
                              pre-training corpus); dataset_item_tokens: the same for a SeqDataset in
                              <dataset>/recformer_tokens/; item_texts: its item text, or a one-line DatasetError.
     build_batch              left-padded item-id histories (B, L) -> model tensors by numpy ops (items newest first).
-    sequence_token_counts    tokens of each row build_batch would make; token_budget_chunks groups rows of similar
-                             token count into encoder calls (padding-free batches).
     encode_items             the item table (rows, H) from one-item sequences; fine-tuning and export both use it.
 
 Pre-training, fine-tuning, export and benchmarks/bench_recformer.py read them; the tokenizer and the model they feed
@@ -157,34 +155,6 @@ def build_batch(
         word_starts[token_row, column] = tokens.word_starts[source]
         out["word_starts"] = word_starts
     return {name: torch.from_numpy(array) for name, array in out.items()}
-
-
-def sequence_token_counts(tokens: ItemTokens, histories: np.ndarray, config: RecformerConfig) -> np.ndarray:
-    """(B,) tokens of each row build_batch makes from `histories` (B, L): the leading token and the items' tokens,
-    newest max_item_embeddings - 1 items, at most max_token_num."""
-    newest = np.asarray(histories, dtype=np.int64)[:, ::-1][:, : config.max_item_embeddings - 1]
-    return np.minimum(1 + tokens.lengths[newest].sum(axis=1), config.max_token_num)  # id 0 has no tokens
-
-
-def token_budget_chunks(lengths: np.ndarray, budget: int, call_tokens: int) -> list[np.ndarray]:
-    """Row indices of `lengths` in ascending length, cut into consecutive chunks of at most `budget` padded tokens
-    (rows x longest row) that minimise padded tokens + call_tokens per chunk (the cost of one more model call, in
-    tokens); exact dynamic programme over the sorted rows, O(n^2) for n rows."""
-    order = np.argsort(lengths, kind="stable")
-    ordered = np.asarray(lengths, dtype=np.int64)[order]
-    best = np.zeros(len(ordered) + 1)
-    start = np.zeros(len(ordered) + 1, dtype=np.int64)
-    for end in range(1, len(ordered) + 1):
-        begins = np.arange(end)
-        padded = (end - begins) * ordered[end - 1]
-        cost = np.where(padded <= max(budget, ordered[end - 1]), best[:end] + padded + call_tokens, np.inf)
-        start[end] = int(np.argmin(cost))
-        best[end] = cost[start[end]]
-    cuts, end = [], len(ordered)
-    while end > 0:
-        cuts.append(order[start[end] : end])
-        end = start[end]
-    return cuts[::-1]
 
 
 @torch.no_grad()

@@ -176,20 +176,26 @@ def processes_tagged(tag: str) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
-def test_a_stopped_grid_leaves_no_worker_behind(signum, data_copy, tmp_path):
-    """reproduce.py --jobs 2, its process alone signalled while two cells train: SIGTERM ends it in one line (exit
-    130) and its workers with it; after a SIGKILL, which it cannot handle, the orphaned workers end themselves. No
-    process goes on writing into --out, and the next call redoes the cut cells."""
-    out, tag = tmp_path / "grid", f"{os.getpid()}-{signum}"
+@pytest.mark.parametrize("stopped", ["cells", "launched fine-tuning"])
+def test_a_stopped_grid_leaves_no_worker_behind(signum, stopped, data_copy, tmp_path):
+    """reproduce.py --jobs 2, its process alone signalled while two cells train (or while --finetune-processes 2
+    fine-tunes under torchrun): SIGTERM ends it in one line (exit 130) and its workers with it; after a SIGKILL,
+    which it cannot handle, the orphaned workers end themselves. No process goes on writing into --out (the launched
+    fine-tuning's torchrun and its processes included), and the next call redoes the cut cells."""
+    out, tag = tmp_path / "grid", f"{os.getpid()}-{signum}-{stopped}"
     env = dict(os.environ, OMP_NUM_THREADS="1", RECSYS_QUIET="1", PYTHONPATH=str(REPO), REPRODUCE_TEST_TAG=tag)
+    finetuning = ["--finetune-epochs", "1000", "--finetune-processes", "2"]
     command = [sys.executable, str(REPO / "reproduce.py"), "--data", str(data_copy), "--backbone", "tiny", "--out",
                str(out), "--models", "sasrec", "--transforms", "none", "--seeds", "42", "--sample-sizes", "10",
-               "--finetune-epochs", "0", "--epochs", "1000", "--patience", "1000", "--hidden-size", "16",
-               "--device", "cpu", "--jobs", "2"]  # fmt: skip
+               *(finetuning if stopped == "launched fine-tuning" else ["--finetune-epochs", "0"]), "--epochs", "1000",
+               "--patience", "1000", "--hidden-size", "16", "--device", "cpu", "--jobs", "2"]  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, preexec_fn=default_sigint)  # fmt: skip
-    both_training = out / "runs" / "sasrec-longformer-none-sampled-10-seed42" / "best.pt"
-    stderr = interrupted_once(process, both_training, lambda: process.send_signal(signum))
+    if stopped == "cells":
+        running = out / "runs" / "sasrec-longformer-none-sampled-10-seed42" / "best.pt"  # both cells train
+    else:
+        running = out / "finetune" / "metrics.jsonl"  # its untrained validation is done
+    stderr = interrupted_once(process, running, lambda: process.send_signal(signum))
     deadline = time.monotonic() + 20
     while processes_tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -18,7 +18,7 @@ from common.cli import FlagError
 from common.data import load_dataset
 from common.embeddings import load_item_embeddings
 from common.evaluation import metric_names
-from common.recformer_data import build_batch, dataset_item_tokens, sequence_token_counts, token_budget_chunks
+from common.recformer_data import build_batch, dataset_item_tokens
 from common.run import InputError
 from prepare_data import write_dataset
 from prepare_data import Lcrec, build_lcrec
@@ -228,7 +228,7 @@ def test_sequence_token_counts_are_build_batch_row_lengths(synthetic_data):
     tokens = dataset_item_tokens(tokenizer, data)
     histories, _ = finetune_recformer.training_examples(data, 50, np.random.default_rng(0))
     batch = build_batch(tokens, histories, model.config)
-    counts = sequence_token_counts(tokens, histories, model.config)
+    counts = finetune_recformer.sequence_token_counts(tokens, histories, model.config)
     assert counts.tolist() == batch["attention_mask"].sum(dim=1).tolist()
     assert batch["input_ids"].shape[1] == counts.max()
 
@@ -250,13 +250,14 @@ def test_token_budget_chunks_are_an_optimal_partition():
     for _ in range(30):
         lengths = rng.integers(1, 40, size=int(rng.integers(1, 9)))
         budget, call_tokens = int(rng.integers(40, 120)), int(rng.integers(0, 30))
-        chunks = token_budget_chunks(lengths, budget, call_tokens)
+        chunks = finetune_recformer.token_budget_chunks(lengths, budget, call_tokens)
         assert sorted(np.concatenate(chunks).tolist()) == list(range(len(lengths)))
         assert all(len(c) * lengths[c].max() <= budget for c in chunks)
         assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(chunks, chunks[1:]))
         cost = sum(len(c) * lengths[c].max() + call_tokens for c in chunks)
         assert cost == brute_force_cost(lengths.tolist(), budget, call_tokens)
-    assert [c.tolist() for c in token_budget_chunks(np.array([50, 3]), budget=10, call_tokens=0)] == [[1], [0]]
+    chunks = finetune_recformer.token_budget_chunks(np.array([50, 3]), budget=10, call_tokens=0)
+    assert [c.tolist() for c in chunks] == [[1], [0]]
 
 
 def without_dropout(model: RecformerForSeqRec) -> None:

@@ -12,7 +12,7 @@ import finetune_recformer
 import reproduce
 import train_bert4rec
 import train_sasrec
-from common.cli import FlagError
+from common.cli import FlagError, parse
 from common.run import InputError
 
 STAGES = (train_sasrec, train_bert4rec, export_embeddings, finetune_recformer)
@@ -161,6 +161,30 @@ def test_parallel_cells_give_the_results_of_one_job(synthetic_data, tmp_path):
     assert "0 of 6 tasks done; 6 to run, 2 at a time with 1 thread(s) each" in grid_log
     assert "start 1/6 finetune" in grid_log and "done 6/6" not in grid_log.splitlines()[0]
     assert (tmp_path / "two" / "logs" / "finetune.log").read_text().count("stage 1 epoch 1") == 1
+
+
+def test_finetuning_launched_on_two_processes_matches_one(synthetic_data, tmp_path):
+    """--finetune-processes 2 launches the fine-tuning with torchrun at half the batch per process, so a step
+    averages the same sequences: its Recformer rows equal those of one process up to float rounding."""
+    args = dataclasses.replace(tiny_grid(synthetic_data, tmp_path / "one"), models=("sasrec",), transforms=("none",))
+    one = reproduce.main(args)
+    two = reproduce.main(dataclasses.replace(args, out=tmp_path / "two", jobs=2, finetune_processes=2))
+    config = json.loads((tmp_path / "two" / "finetune" / "config.json").read_text())
+    assert config["batch_size"] == reproduce.FINETUNE_BATCH_SIZE // 2
+    assert "2 process(es)" in (tmp_path / "two" / "logs" / "finetune.log").read_text()
+    rows = [[run for run in results["runs"] if run["model"] == "recformer"] for results in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 1
+    for metric, value in comparable(rows[0][0]["test"]).items():
+        assert rows[1][0]["test"][metric] == pytest.approx(value, abs=1e-4), metric
+
+
+def test_a_launched_finetuning_gets_its_own_settings(synthetic_data, tmp_path):
+    """The command line the launch passes parses back to the Args the grid means (flags, tuples, booleans)."""
+    grid = dataclasses.replace(tiny_grid(synthetic_data, tmp_path), finetune_processes=4, finetune_val_users=5,
+                               sample_sizes=(20, -1), finetune_max_steps=3)  # fmt: skip
+    config = reproduce.finetune_args(grid, resume=True)
+    assert parse(finetune_recformer.Args, reproduce.command_line(config)) == config
+    assert "--resume" in reproduce.command_line(config) and config.batch_size == reproduce.FINETUNE_BATCH_SIZE // 4
 
 
 # Timings, paths, and the digest of a table file's bytes (two exports of equal vectors differ in metadata order)
