@@ -6,6 +6,10 @@ threads; --jobs 2 runs two worker processes of cores // 2 threads. Prints the wa
 their cells per hour (the target on 2 cores: >= 1.8x), and how far their test NDCG@10 lie apart (the thread counts
 differ, so the float sums do; equal results at equal thread counts are tested in tests/test_reproduce.py).
 
+A third grid, --jobs 1 at one thread, splits the ratio into its two factors: what the second thread gives one
+process (--jobs 1 at all threads against one thread) and how close --jobs N comes to N independent one-thread
+processes (its cells per hour against N times those of one thread: 1.0 is a scheduler that loses nothing).
+
     python benchmarks/bench_grid.py [--users 3000 --epochs 20]
 """
 
@@ -16,6 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,13 +58,20 @@ def main(args: Args) -> None:
         cells = len(reproduce.cells(grid, ["random", "longformer"]))
         serial, serial_results = timed_grid(grid)
         parallel, parallel_results = timed_grid(replace(grid, out=Path(tmp) / f"jobs{args.jobs}", jobs=args.jobs))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        one_thread, _ = timed_grid(replace(grid, out=Path(tmp) / "jobs1-thread1"))
+        torch.set_num_threads(threads)
     gap = max(abs(a["test"]["NDCG@10"] - b["test"]["NDCG@10"]) for a, b in zip(serial_results["runs"],
                                                                                 parallel_results["runs"]))  # fmt: skip
     print(f"{cells} cells (+ 1 export), {args.users} users, {args.epochs} epochs each")
     print(f"--jobs 1: {serial:.1f} s, {3600 * cells / serial:.0f} cells/hour")
     print(f"--jobs {args.jobs}: {parallel:.1f} s, {3600 * cells / parallel:.0f} cells/hour")
+    print(f"--jobs 1 at 1 thread: {one_thread:.1f} s, {3600 * cells / one_thread:.0f} cells/hour")
     print(f"ratio: {serial / parallel:.2f}x cells per hour (target >= 1.8x on 2 cores); test NDCG@10 of a cell "
           f"differs by at most {gap:.4f} between the two")
+    print(f"of which: {threads} threads in one process run {one_thread / serial:.2f}x one thread; --jobs {args.jobs} "
+          f"reaches {one_thread / (args.jobs * parallel):.2f} of {args.jobs} one-thread processes")
 
 
 if __name__ == "__main__":
