@@ -68,7 +68,7 @@ from common.cli import Checked, Device, NonNegative, Positive, Seed, parse, rule
 from common.data import SeqDataset, load_dataset
 from common.embeddings import STAGE_TABLE_FILE, table_values_sha256
 from common.evaluation import check_sample_size, protocol
-from common.run import INTERRUPTED, InputError, ending_in_one_line, progress, save_atomic, write_json_atomic
+from common.run import INTERRUPTED, REPOSITORY, InputError, ending_in_one_line, progress, save_atomic, write_json_atomic
 from recformer.convert_recformer import MINILM
 
 TRAINERS = {"sasrec": train_sasrec, "bert4rec": train_bert4rec}
@@ -77,7 +77,6 @@ MODEL_NAMES = {"sasrec": "SASRec", "bert4rec": "BERT4Rec", "recformer": "Recform
 TABLE_METRICS = ("NDCG@10", "HR@10", "MRR")
 START_ORDER = ("random", "finetune", "longformer", "pretrain")  # scheduling: the paper's question first
 GRID_FILE = "grid.json"
-REPOSITORY = Path(__file__).resolve().parent
 FINETUNE_BATCH_SIZE = finetune_recformer.Args.batch_size  # sequences per forward pass of one fine-tuning process
 DividesFinetuneBatch = rule(lambda n: isinstance(n, int) and n >= 1 and FINETUNE_BATCH_SIZE % n == 0,
                             f"must divide the fine-tuning's batch of {FINETUNE_BATCH_SIZE} sequences")  # fmt: skip
@@ -284,7 +283,7 @@ def launch_finetune(args: Args, config: finetune_recformer.Args) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={args.finetune_processes}", str(REPOSITORY / "finetune_recformer.py"),
                *command_line(config)]  # fmt: skip
-    threads = max(1, (os.cpu_count() or 1) // args.finetune_processes)
+    threads = threads_per_process(args.finetune_processes)
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
     LAUNCHED.append(launcher)
@@ -479,8 +478,13 @@ def slots(args: Args, task: Task) -> int:
     return min(args.finetune_processes, args.jobs) if task.kind == "finetune" else 1
 
 
+def threads_per_process(processes: int) -> int:
+    """Threads each of `processes` processes may use without oversubscribing the cores."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def threads_per_job(args: Args) -> int:
-    return max(1, (os.cpu_count() or 1) // args.jobs)
+    return threads_per_process(args.jobs)
 
 
 @contextlib.contextmanager

@@ -170,7 +170,7 @@ def test_finetuning_launched_on_two_processes_matches_one(synthetic_data, tmp_pa
     one = reproduce.main(args)
     two = reproduce.main(dataclasses.replace(args, out=tmp_path / "two", jobs=2, finetune_processes=2))
     config = json.loads((tmp_path / "two" / "finetune" / "config.json").read_text())
-    assert config["batch_size"] == reproduce.FINETUNE_BATCH_SIZE // 2
+    assert config["batch_size"] == 8  # 16 / 2
     assert "2 process(es)" in (tmp_path / "two" / "logs" / "finetune.log").read_text()
     rows = [[run for run in results["runs"] if run["model"] == "recformer"] for results in (one, two)]
     assert len(rows[0]) == len(rows[1]) == 1
@@ -184,7 +184,7 @@ def test_a_launched_finetuning_gets_its_own_settings(synthetic_data, tmp_path):
                                sample_sizes=(20, -1), finetune_max_steps=3)  # fmt: skip
     config = reproduce.finetune_args(grid, resume=True)
     assert parse(finetune_recformer.Args, reproduce.command_line(config)) == config
-    assert "--resume" in reproduce.command_line(config) and config.batch_size == reproduce.FINETUNE_BATCH_SIZE // 4
+    assert "--resume" in reproduce.command_line(config) and config.batch_size == 4  # 16 / 4
 
 
 # Timings, paths, and the digest of a table file's bytes (two exports of equal vectors differ in metadata order)
